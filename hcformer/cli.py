@@ -1,0 +1,79 @@
+"""The ``hcformer`` command: one entry point, a sub-command per step of the pipeline.
+
+Each sub-command lives in the module that does its work and exposes ``main(argv) -> int``;
+this file only maps names to modules and imports the chosen one lazily, so that
+``hcformer status`` never pays for torch and ``hcformer train`` never for seaborn.
+
+Errors a user can fix (:class:`hcformer.errors.HCFormerError`) print as one line on stderr
+and exit with status 2; ``--debug`` (anywhere on the line) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help). Every module defines ``main(argv: list[str]) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "experiments": ("hcformer.experiments", "list the experiments of the paper's tables"),
+    "profile": ("hcformer.analysis.profile", "parameters, GFLOPs and latency of a table's rows"),
+    "synth-data": ("hcformer.data.synthetic", "write a synthetic dataset in a real format"),
+    "evaluate-panoptic": ("hcformer.evaluation.panoptic", "PQ/SQ/RQ as panopticapi"),
+    "evaluate-instance": ("hcformer.evaluation.instance", "COCO AP (and boundary AP)"),
+    "evaluate-semantic": ("hcformer.evaluation.semantic", "mIoU and pixel accuracy"),
+    "train": ("hcformer.engine.train", "train one experiment into a run folder"),
+    "evaluate": ("hcformer.engine.evaluate", "evaluate a run folder, write metrics.json"),
+    "run": ("hcformer.launch.run", "train then evaluate one (experiment, seed) via a launcher"),
+    "sync-mlflow": ("hcformer.tracking.sync", "mirror run folders into MLflow"),
+    "aggregate": ("hcformer.analysis.aggregate", "medians over seeds into a CSV"),
+    "tables": ("hcformer.analysis.tables", "LaTeX tables, macros and provenance"),
+    "figures": ("hcformer.analysis.figures", "ablation figures"),
+    "visualize": ("hcformer.analysis.visualize", "the Fig. 5-style hierarchy view of a run"),
+    "report": ("hcformer.analysis.report", "the README summary of a results tree"),
+    "status": ("hcformer.analysis.status", "where a campaign stands, per table"),
+    "budget": ("hcformer.analysis.budget", "GPU-hours of a campaign before submitting"),
+    "benchmark-train": ("hcformer.engine.benchmark", "seconds per training iteration on this GPU"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: hcformer [--debug] COMMAND [ARGS ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "hcformer COMMAND --help shows a command's arguments."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HCFORMER_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"hcformer: unknown command {name!r}{hint} (see hcformer --help)", file=sys.stderr)
+        return 2
+    from hcformer.errors import HCFormerError
+
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except HCFormerError as exc:
+        if debug:
+            raise
+        print(f"hcformer {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hcformer {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
