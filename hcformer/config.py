@@ -43,11 +43,11 @@ class BackboneConfig:
 
     name: BackboneName = "resnet50"
     hierarchy_level: int = 3  # clustering modules at the last L downsamplings (0-3), Sec. 4.1
-    dcnv2: bool = True  # ResNet only: DCNv2 at the downsamplings that carry a module, Sec. 2.5
+    dcnv2: bool = True  # ResNet: DCNv2 at the downsamplings that carry a module (Swin: unused)
     cluster_dim: int = 128  # C_F of eq. (3)
     scale_init: float = 0.1  # s(i) of eq. (3)
     pretrained: str = ""  # "" (random init), a local file, or "timm:<name>" (hub cache)
-    output_stride: int = 32  # 8: dilated ResNet of the per-pixel baselines (App. E.1)
+    output_stride: int = 32  # or 8: dilated ResNet of App. E.1 (needs hierarchy_level 0)
     drop_path: float = 0.0  # stochastic depth (0.3 for Swin in the paper)
     # Shape overrides (None = the paper's size for ``name``).
     depths: list[int] | None = None  # blocks per stage
@@ -65,7 +65,7 @@ class HeadConfig:
     type: HeadType = "hcformer"
     decoder: Literal["masked", "standard"] = "masked"  # masked attention, or the DETR/MaskFormer decoder
     queries: int = 100
-    decoder_layers: int = 8
+    decoder_layers: int = 8  # masked: +1 prediction from the queries; standard: 9 (Table III)
     encoder_layers: int = 0  # 6 = HCFormer+ (a DETR encoder on the stride-32 map)
     hidden_dim: int = 256
     nheads: int = 8
@@ -108,6 +108,11 @@ class DataConfig:
     lsj_size: int = 1024
     scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
     crop: list[int] = field(default_factory=lambda: [1024, 1024])  # H, W
+    # scale_crop: short side drawn from int(x * 0.1 * scale_base), x in scale_range * 10
+    # (None: the crop's short side; Cityscapes 1024), long side capped at train_max_size
+    # (None: 4 * scale_base, detectron2's 2048 for ADE20K and 4096 for Cityscapes).
+    scale_base: int | None = None
+    train_max_size: int | None = None
     color_jitter: bool = False
     # Test-time resize (short side, long side at most); inputs are padded to a multiple of 32.
     test_short: int = 800
@@ -138,6 +143,8 @@ class SolverConfig:
     checkpoint_every: int = 5000
     log_every: int = 20
     eval_every: int = 0  # 0: only at the end
+    micro_batch: int = 0  # images per forward pass of a process (0: its whole share); accumulation
+    find_unused_parameters: bool = False  # DDP: set for models with parameters a step may not use
 
 
 @dataclass
@@ -163,6 +170,8 @@ class TestConfig:
     overlap_threshold: float = 0.8
     instance_topk: int = 100
     boundary_ap: bool = False
+    batch_size: int = 1  # validation images per forward pass (padding is per batch)
+    visual_images: int = 4  # first val images saved as visual/<stem>.npz (Fig. 5 view)
 
 
 @dataclass
@@ -181,7 +190,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    resources: dict[str, Any] = field(default_factory=dict)  # launcher hints: gpus, time, mem
+    # Launcher hints per run (experiments/base/*.yaml, scale overlays): gpus (total, 0 = CPU),
+    # cpus, mem_gb, time_min (per SLURM job; a requeued run resumes from its checkpoint).
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------

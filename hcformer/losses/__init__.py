@@ -1,0 +1,66 @@
+"""Hungarian matcher, mask/dice/class losses, the |sum s| regulariser (Sec. 4.1).
+
+``build_criterion(cfg)`` picks the loss of the model family that ``cfg.model.head.type`` names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hcformer.losses.criterion import (
+    PER_PIXEL_HEADS,
+    LossNorm,
+    PerPixelCriterion,
+    SetCriterion,
+    local_norm,
+    regulariser,
+    summarize,
+)
+from hcformer.losses.matcher import HungarianMatcher, pairwise_dice, pairwise_sigmoid_ce
+from hcformer.losses.point_sampling import importance_points, point_sample, uniform_points
+
+if TYPE_CHECKING:
+    from hcformer.config import Config
+
+__all__ = [
+    "PER_PIXEL_HEADS",
+    "HungarianMatcher",
+    "LossNorm",
+    "PerPixelCriterion",
+    "SetCriterion",
+    "build_criterion",
+    "importance_points",
+    "local_norm",
+    "pairwise_dice",
+    "pairwise_sigmoid_ce",
+    "point_sample",
+    "regulariser",
+    "summarize",
+    "uniform_points",
+]
+
+
+def build_criterion(cfg: Config) -> SetCriterion | PerPixelCriterion:
+    """The loss for ``cfg.model`` with the weights of ``cfg.loss``."""
+    loss = cfg.loss
+    if cfg.model.head.type in PER_PIXEL_HEADS:
+        return PerPixelCriterion(reg_weight=loss.reg_weight)
+    matcher = HungarianMatcher(
+        class_weight=loss.class_weight,
+        mask_weight=loss.mask_weight,
+        dice_weight=loss.dice_weight,
+        num_points=loss.num_points,
+    )
+    return SetCriterion(
+        num_classes=cfg.model.num_classes,
+        matcher=matcher,
+        class_weight=loss.class_weight,
+        mask_weight=loss.mask_weight,
+        dice_weight=loss.dice_weight,
+        no_object_weight=loss.no_object_weight,
+        reg_weight=loss.reg_weight,
+        num_points=loss.num_points,
+        oversample_ratio=loss.oversample_ratio,
+        importance_sample_ratio=loss.importance_sample_ratio,
+        deep_supervision=loss.deep_supervision,
+    )

@@ -1,0 +1,171 @@
+"""``hcformer figures``: one figure per ablation table (tables 5, 6, II, IV, V, VI, VII).
+
+Each seed is a point, the median of the seeds a line, the paper's values a dashed line beside
+them (issue #8, item 5); one panel per metric column of the table (table IV: COCO PQ, ADE20K
+mIoU, Cityscapes mIoU), the varied setting on the x axis (hierarchy level, decoder layers,
+queries), DCNv2 on/off as two colours (table II). Read from the table's cells
+(``<results>/aggregate/<table>.csv``, written by ``hcformer aggregate``); writes
+``<results>/figures/<table>.pdf`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from hcformer.analysis.aggregate import read_cells
+from hcformer.analysis.tables import COLUMN_TITLES
+from hcformer.errors import HCFormerError
+
+X_COLUMNS = ("hierarchy_level", "decoder_layers", "queries")
+PLAIN_TITLES = {
+    "pq": "PQ",
+    "miou": "mIoU",
+    "coco_pq": "COCO PQ",
+    "ade20k_miou": "ADE20K mIoU",
+    "cityscapes_miou": "Cityscapes mIoU",
+    "hierarchy_level": "hierarchy level",
+    "decoder_layers": "decoder layers",
+    "queries": "queries",
+}
+
+
+def figure_data(cells: list[dict[str, Any]]) -> tuple[str, str | None, list[str], list[dict]]:
+    """``(x column, hue column or None, metric columns, long-form points)`` of a table.
+
+    A point is ``{"panel", "x", "hue", "value", "what"}`` with ``what`` = ``ours (seed k)`` or
+    ``paper``.
+    """
+    by_row: dict[str, dict[str, dict[str, Any]]] = {}
+    for cell in cells:
+        by_row.setdefault(cell["row"], {})[cell["column"]] = cell
+    columns = list(dict.fromkeys(c["column"] for c in cells))
+    xs = [c for c in X_COLUMNS if c in columns]
+    if not xs:
+        raise HCFormerError(
+            f"table {cells[0]['table'] if cells else '?'}: no varied setting column "
+            f"({', '.join(X_COLUMNS)}) to plot against"
+        )
+    x_col = xs[0]
+    hue_col = "dcnv2" if "dcnv2" in columns else None
+    metrics = [c for c in columns if cells and by_row[cells[0]["row"]][c]["kind"] == "metric"]
+    points = []
+    for row in by_row.values():
+        x = row[x_col]["paper"]
+        hue = row[hue_col]["paper"] if hue_col else None
+        hue = ("with DCNv2" if hue else "without DCNv2") if hue_col else "HCFormer"
+        for metric in metrics:
+            cell = row[metric]
+            if cell["paper"] is not None:
+                points.append(
+                    {"panel": metric, "x": x, "hue": hue, "value": cell["paper"], "what": "paper"}
+                )
+            for run in cell["runs"]:
+                if run.get("value") is not None:
+                    points.append(
+                        {"panel": metric, "x": x, "hue": hue, "value": run["value"], "what": "ours"}
+                    )
+    return x_col, hue_col, metrics, points
+
+
+def draw(cells: list[dict[str, Any]], title: str, scale: str, out_stem: Path) -> list[Path]:
+    """Draw the figure of a table's cells into ``<out_stem>.pdf`` and ``.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    x_col, _hue_col, metrics, points = figure_data(cells)
+    frame = pd.DataFrame(points, columns=["panel", "x", "hue", "value", "what"])
+    sns.set_theme(style="whitegrid", context="paper")
+    width = max(4.2 * len(metrics), 7.0)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width, 3.6), squeeze=False)
+    hues = list(dict.fromkeys(frame["hue"])) or ["HCFormer"]
+    palette = dict(zip(hues, sns.color_palette("deep", len(hues))))
+    for ax, metric in zip(axes[0], metrics):
+        part = frame[frame["panel"] == metric]
+        ours, paper = part[part["what"] == "ours"], part[part["what"] == "paper"]
+        if not ours.empty:
+            sns.scatterplot(
+                data=ours,
+                x="x",
+                y="value",
+                hue="hue",
+                palette=palette,
+                ax=ax,
+                alpha=0.6,
+                s=28,
+                legend=False,
+            )
+            sns.lineplot(
+                data=ours,
+                x="x",
+                y="value",
+                hue="hue",
+                palette=palette,
+                ax=ax,
+                estimator="median",
+                errorbar=None,
+                marker="o",
+                legend=False,
+            )
+        else:
+            ax.text(0.5, 0.5, "no runs yet", transform=ax.transAxes, ha="center", color="0.4")
+        for hue, line in paper.groupby("hue", sort=False):
+            line = line.sort_values("x")
+            ax.plot(line["x"], line["value"], linestyle="--", marker="x", color=palette[hue])
+        ax.set_xlabel(PLAIN_TITLES.get(x_col, x_col))
+        ax.set_ylabel(PLAIN_TITLES.get(metric, COLUMN_TITLES.get(metric, metric)))
+        xs = sorted(set(part["x"]))
+        if xs:
+            ax.set_xticks(xs)
+            if x_col in ("decoder_layers",):
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [str(int(x)) for x in xs])
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D(
+            [], [], color="0.3", marker="o", linestyle="-", label="ours: median (points: seeds)"
+        ),
+        Line2D([], [], color="0.3", marker="x", linestyle="--", label="paper"),
+    ]
+    if len(hues) > 1:
+        handles += [Line2D([], [], color=palette[h], linewidth=3, label=h) for h in hues]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
+    note = "" if scale == "paper" else f" [scale {scale}: not results]"
+    fig.suptitle(textwrap.fill(f"{title}{note}", width=int(width * 11)), fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out_stem.with_suffix(".pdf"), out_stem.with_suffix(".png")]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hcformer figures",
+        description="Ablation figures (each seed a point, the median a line, the paper beside).",
+    )
+    parser.add_argument(
+        "--results", required=True, help="a scale's results root, e.g. results/smoke"
+    )
+    parser.add_argument("--table", action="append", required=True, help="an ablation table id")
+    parser.add_argument("--scale", help="the scale (default: the results folder's name)")
+    args = parser.parse_args(argv)
+    from hcformer.experiments import load_table
+
+    results = Path(args.results)
+    scale = args.scale or results.name
+    for table_id in args.table:
+        table = load_table(table_id)
+        cells = read_cells(results / "aggregate" / f"{table_id}.csv")
+        for path in draw(cells, table.title, scale, results / "figures" / table_id):
+            print(f"hcformer figures: {path}")
+    return 0

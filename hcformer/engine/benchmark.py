@@ -1,0 +1,152 @@
+"""``hcformer benchmark-train``: seconds per training iteration of an experiment on this device.
+
+    hcformer benchmark-train --experiment ID [--scale paper] [--batch N] [--iterations 20]
+                             [--warmup 5] [--out FILE.json] [--set key=value ...]
+
+Times the real training step (forward with AMP on CUDA, the matching loss, backward, gradient
+clipping, AdamW) on random images at the config's training crop with random targets (a few
+rectangles per image), so no dataset is needed. The batch is ``--batch`` (default: the config's
+global batch) and halves on CUDA out-of-memory until it fits. Writes JSON: device, amp, batch,
+seconds per iteration (median and mean of the timed iterations), images per second, peak GPU
+memory. Used for the GPU-hour budget of a campaign (issue #9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hcformer.errors import HCFormerError
+
+
+def random_targets(batch: int, height: int, width: int, num_classes: int, *, generator, device):
+    """A few random rectangles per image, with labels and the matching semantic map."""
+    import torch
+
+    targets = []
+    for _ in range(batch):
+        n = 4
+        masks = torch.zeros(n, height, width, dtype=torch.bool)
+        sem = torch.full((height, width), 255, dtype=torch.int64)
+        labels = torch.randint(0, num_classes, (n,), generator=generator)
+        for k in range(n):
+            y0, x0 = (int(v) for v in torch.randint(0, max(height // 2, 1), (2,), generator=generator))
+            masks[k, y0 : y0 + height // 3, x0 : x0 + width // 3] = True
+            sem[masks[k]] = labels[k]
+        targets.append({"labels": labels.to(device), "masks": masks.to(device), "sem_seg": sem.to(device)})
+    return targets
+
+
+def time_training(cfg, *, batch: int, iterations: int, warmup: int, device) -> dict[str, Any]:
+    import torch
+
+    from hcformer.engine.optim import build_optimizer
+    from hcformer.engine.randomness import seed_init
+    from hcformer.engine.train import train_pad_size
+    from hcformer.losses import build_criterion
+    from hcformer.models import build_model
+
+    seed_init(0)
+    model = build_model(cfg.model).to(device).train()
+    criterion = build_criterion(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.solver)
+    amp = cfg.solver.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    height, width = train_pad_size(cfg)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, height, width, generator=gen).mul(255).to(device)
+    targets = random_targets(batch, height, width, cfg.model.num_classes, generator=gen, device=device)
+    generators = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for it in range(warmup + iterations):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            outputs = model(images)
+        loss = sum(criterion(outputs, targets, generators=generators).values())
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if cfg.solver.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if it >= warmup:
+            times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    out = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "amp": amp,
+        "batch": batch,
+        "input_size": [height, width],
+        "iterations": iterations,
+        "warmup": warmup,
+        "seconds_per_iteration": median,
+        "seconds_per_iteration_mean": statistics.fmean(times),
+        "images_per_second": batch / median,
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    from hcformer.engine.train import SCALES, run_config
+
+    p = argparse.ArgumentParser(prog="hcformer benchmark-train", description=__doc__.split("\n")[0])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--experiment", help="experiment id (see `hcformer experiments`)")
+    what.add_argument("--config", help="a config YAML of one's own")
+    p.add_argument("--scale", default="paper", choices=SCALES)
+    p.add_argument("--batch", type=int, default=0, help="images per iteration (default: the config's)")
+    p.add_argument("--iterations", type=int, default=20, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--out", default=None, help="write the JSON here (default: stdout only)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    if args.iterations < 1 or args.warmup < 0:
+        raise HCFormerError("--iterations must be >= 1 and --warmup >= 0")
+    cfg, info = run_config(
+        experiment=args.experiment,
+        config_file=args.config,
+        scale=args.scale,
+        seed=0,
+        overrides=args.set,
+    )
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch = args.batch or cfg.solver.batch_size
+    while True:
+        try:
+            result = time_training(cfg, batch=batch, iterations=args.iterations, warmup=args.warmup, device=device)
+            break
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise HCFormerError(f"{info['exp_id']}: one image does not fit on {device}") from None
+            batch //= 2
+            torch.cuda.empty_cache()
+            print(f"hcformer benchmark-train: out of memory; trying batch {batch}", file=sys.stderr)
+    result.update({"exp_id": info["exp_id"], "scale": args.scale, "git_commit": info["git_commit"]})
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,80 @@
+"""Atomic checkpoints: ``checkpoints/last.pt`` and the one before it, ``prev.pt``.
+
+A checkpoint is written to a temporary name in the same folder, flushed to disk (fsync) and
+renamed over ``last.pt`` (``os.replace`` is atomic on POSIX); the old ``last.pt`` is first
+hard-linked to ``prev.pt``, so a ``last.pt`` exists at every moment once one was written.
+Files are read with ``torch.load(weights_only=True)``: only tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hcformer.errors import HCFormerError
+
+LAST = "last.pt"
+PREV = "prev.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` through a temporary file, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: dict[str, Any], ckpt_dir: str | Path) -> Path:
+    """Write ``state`` as ``ckpt_dir/last.pt``, keeping the previous one as ``prev.pt``."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last, prev = ckpt_dir / LAST, ckpt_dir / PREV
+    if last.exists():
+        link = ckpt_dir / f".{PREV}.tmp{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        os.link(last, link)
+        os.replace(link, prev)
+    return atomic_torch_save(state, last)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors on the CPU)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise HCFormerError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # unpickling errors have many types
+        raise HCFormerError(
+            f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})"
+        ) from None
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """``last.pt`` if present, else ``prev.pt`` (a crash between two renames), else None."""
+    for name in (LAST, PREV):
+        path = Path(ckpt_dir) / name
+        if path.is_file():
+            return path
+    return None

@@ -1,0 +1,80 @@
+"""AdamW with the backbone at 0.1x, no weight decay on norms and embeddings, and the learning
+rate schedules of App. D (poly, multi-step) with linear warm-up.
+
+As the authors' (Mask2Former) optimiser: parameters named ``backbone.*`` (the backbone, its
+clustering modules and the HCFormer+ encoder) get ``lr * backbone_multiplier``; parameters of
+normalisation layers get ``weight_decay_norm``, those of ``nn.Embedding`` and Swin's relative
+position tables get ``weight_decay_embed``; everything else ``weight_decay``.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from hcformer.config import SolverConfig
+
+_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm2d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+_EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+
+
+def param_groups(model: nn.Module, solver: SolverConfig) -> list[dict]:
+    """Parameter groups by (learning rate, weight decay): few groups, so that the optimiser's
+    fused multi-tensor step stays fast. Each group lists its parameters' ``names``."""
+    groups: dict[tuple[float, float], dict] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full = f"{module_name}.{name}" if module_name else name
+            lr = solver.lr
+            if full.startswith("backbone."):
+                lr *= solver.backbone_multiplier
+            weight_decay = solver.weight_decay
+            if isinstance(module, _NORMS) or "norm" in type(module).__name__.lower():
+                weight_decay = solver.weight_decay_norm
+            elif isinstance(module, nn.Embedding) or any(e in name for e in _EMBED_NAMES):
+                weight_decay = solver.weight_decay_embed
+            group = groups.setdefault(
+                (lr, weight_decay), {"params": [], "names": [], "lr": lr, "weight_decay": weight_decay}
+            )
+            group["params"].append(param)
+            group["names"].append(full)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, solver), lr=solver.lr)
+
+
+def lr_factor(iteration: int, solver: SolverConfig) -> float:
+    """Multiplier of the base learning rate at ``iteration`` (0-based)."""
+    total = max(solver.iterations, 1)
+    if solver.schedule == "poly":
+        factor = (1.0 - min(iteration, total) / total) ** solver.poly_power
+    else:
+        milestones = sorted(int(f * total) if f <= 1 else int(f) for f in solver.steps)
+        factor = solver.gamma ** bisect.bisect_right(milestones, iteration)
+    if iteration < solver.warmup_iters:
+        alpha = iteration / solver.warmup_iters
+        factor *= solver.warmup_factor * (1.0 - alpha) + alpha
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, solver: SolverConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, solver))

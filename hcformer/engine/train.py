@@ -1,0 +1,514 @@
+"""``hcformer train``: train one experiment into a run folder (App. D, DESIGN.md flow step 5).
+
+    hcformer train --experiment ID --scale paper|tiny|smoke --seed S --run-dir DIR [--set k=v ...]
+    hcformer train --config FILE --seed S --run-dir DIR [--set k=v ...]
+
+The loop, in the paper's (Mask2Former's) way: AdamW with the backbone at 0.1x and no weight decay
+on norms and embeddings (:mod:`hcformer.engine.optim`), poly or multi-step decay with linear
+warm-up, full-model gradient-norm clipping, AMP on CUDA only, DDP across processes and nodes
+(:mod:`hcformer.engine.distributed`), and gradient accumulation: ``solver.batch_size`` is the
+global batch whatever the number of processes; each process takes ``batch_size / world_size``
+images in passes of ``solver.micro_batch``.
+
+Randomness is keyed by (seed, iteration, global sample index) (:mod:`hcformer.engine.randomness`)
+and the loss is normalised over the global batch (:class:`hcformer.losses.LossNorm`), so N
+processes compute what one process would with the same global batch, and a resumed run replays
+the interrupted one: ``checkpoints/last.pt`` every ``solver.checkpoint_every`` iterations and on
+SIGTERM / SIGINT / SIGUSR1 or :func:`hcformer.engine.signals.request_stop` (saved at the next
+iteration boundary; then exit status 128 + signal, or 3); a rerun of the same command resumes from
+it. A finished run writes ``model_final.pt``; rerunning it does nothing.
+
+Python: :func:`train` (what ``hcformer run --launcher inline`` may call) returns a
+:class:`TrainResult`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hcformer.config import Config, build_config, load_config, merge, parse_overrides, to_dict
+from hcformer.errors import ConfigError, HCFormerError
+
+SCALES = ("paper", "tiny", "smoke")
+
+
+@dataclass
+class TrainResult:
+    """How a call of :func:`train` ended.
+
+    Attributes:
+      iteration: iterations completed (and saved).
+      finished: all ``solver.iterations`` are done and ``model_final.pt`` exists.
+      stopped: stopped early by a signal or :func:`~hcformer.engine.signals.request_stop`.
+      exit_code: 0 when finished, else 128 + signal number (or 3): what ``hcformer train`` exits with.
+    """
+
+    iteration: int
+    finished: bool
+    stopped: bool
+    exit_code: int
+
+
+# --------------------------------------------------------------------------------------
+# Configuration of a run.
+
+
+def run_config(
+    *,
+    experiment: str | None,
+    config_file: str | None,
+    scale: str,
+    seed: int,
+    overrides: list[str],
+) -> tuple[Config, dict[str, Any]]:
+    """The resolved config and the run info (``run.json``) of an experiment or a config file."""
+    from hcformer.engine.runinfo import git_commit
+
+    if not experiment and not config_file:
+        raise ConfigError("give --experiment ID or --config FILE")
+    tables: dict[str, str] = {}
+    if config_file:
+        cfg = load_config(config_file, overrides)
+        exp_id = experiment or Path(config_file).stem
+    else:
+        from hcformer.experiments import get_experiment
+
+        exp = get_experiment(experiment, scale)
+        cfg = exp.config
+        if overrides:
+            cfg = build_config(merge(to_dict(cfg), parse_overrides(overrides)))
+        exp_id = exp.id
+        for table_id, label in exp.rows:
+            tables[table_id] = f"{tables[table_id]}; {label}" if table_id in tables else label
+    info = {
+        "exp_id": exp_id,
+        "seed": seed,
+        "scale": scale,
+        "dataset": cfg.data.dataset,
+        "git_commit": git_commit(),
+        "tables": tables,
+        "overrides": list(overrides),
+    }
+    return cfg, info
+
+
+def train_pad_size(cfg: Config) -> tuple[int, int]:
+    """The fixed padded size of training batches (so that padding never depends on how the
+    global batch is split): the LSJ canvas or the crop, rounded up to a multiple of 32."""
+    data = cfg.data
+    h, w = (data.lsj_size, data.lsj_size) if data.augmentation == "lsj" else tuple(data.crop)
+    return -(-h // 32) * 32, -(-w // 32) * 32
+
+
+# --------------------------------------------------------------------------------------
+# The loop.
+
+
+class Trainer:
+    """State and steps of one training run in one process (see the module docstring)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, seed: int, info: dict[str, Any]) -> None:
+        import torch
+
+        from hcformer.engine import distributed
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.seed = seed
+        self.info = info
+        self.dist = distributed.init_distributed()
+        solver = cfg.solver
+        world = self.dist.world_size
+        if solver.batch_size % world:
+            raise ConfigError(
+                f"solver.batch_size: {solver.batch_size} is not divisible by the {world} processes"
+            )
+        self.per_rank = solver.batch_size // world
+        self.micro = solver.micro_batch or self.per_rank
+        if self.per_rank % self.micro:
+            raise ConfigError(
+                f"solver.micro_batch: {self.micro} does not divide the {self.per_rank} images "
+                "of each process"
+            )
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.amp = solver.amp and self.device.type == "cuda"
+        self.iteration = 0
+        self.elapsed = 0.0  # training seconds over all attempts
+        self._update_lock = threading.Lock()
+
+    # -- set-up -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+
+        from hcformer.data import build_dataset
+        from hcformer.engine.optim import build_optimizer, build_scheduler
+        from hcformer.engine.randomness import seed_init
+        from hcformer.engine.runinfo import check_num_classes
+        from hcformer.losses import build_criterion
+        from hcformer.models import build_model
+
+        self.dataset = build_dataset(self.cfg.data, "train")
+        if len(self.dataset) == 0:
+            raise HCFormerError(f"data.root {self.cfg.data.root}: the training split has no images")
+        check_num_classes(self.cfg, self.dataset)
+        seed_init(self.seed)
+        self.model = build_model(self.cfg.model).to(self.device)
+        self.model.train()
+        self.criterion = build_criterion(self.cfg).to(self.device)
+        self.optimizer = build_optimizer(self.model, self.cfg.solver)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.solver)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.resume()
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.cfg.solver.find_unused_parameters,
+            )
+
+    def state(self) -> dict[str, Any]:
+        state = {
+            "format": 1,
+            "iteration": self.iteration,
+            "seed": self.seed,
+            "elapsed": self.elapsed,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def resume(self) -> None:
+        from hcformer.engine.checkpoint import PREV, latest_checkpoint, load_checkpoint
+        from hcformer.engine.runinfo import CHECKPOINTS
+
+        path = latest_checkpoint(self.run_dir / CHECKPOINTS)
+        if path is None:
+            return
+        try:
+            state = load_checkpoint(path)
+        except HCFormerError:
+            prev = path.with_name(PREV)
+            if path.name == PREV or not prev.is_file():
+                raise
+            print(f"hcformer train: {path} unreadable; resuming from {prev}", file=sys.stderr)
+            state = load_checkpoint(prev)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        if self.dist.is_main:
+            print(
+                f"hcformer train: resumed from {path} at iteration {self.iteration}",
+                file=sys.stderr,
+            )
+
+    def save(self) -> Path | None:
+        """Write ``last.pt`` of the last completed iteration (main process only)."""
+        from hcformer.engine.checkpoint import save_checkpoint
+        from hcformer.engine.runinfo import CHECKPOINTS
+
+        if not self.dist.is_main:
+            return None
+        with self._update_lock:
+            return save_checkpoint(self.state(), self.run_dir / CHECKPOINTS)
+
+    # -- data ---------------------------------------------------------------------------------
+    def sample(self, iteration: int, global_index: int) -> dict[str, Any]:
+        from hcformer.data import train_transform
+        from hcformer.engine.randomness import augmentation_rng, dataset_index
+
+        position = iteration * self.cfg.solver.batch_size + global_index
+        record = self.dataset.load(dataset_index(self.seed, position, len(self.dataset)))
+        return train_transform(
+            record, self.cfg.data, augmentation_rng(self.seed, iteration, global_index)
+        )
+
+    def micro_batches(self, iteration: int) -> list[list[int]]:
+        """The global sample indices of this process, split into passes."""
+        first = self.dist.rank * self.per_rank
+        indices = list(range(first, first + self.per_rank))
+        return [indices[i : i + self.micro] for i in range(0, len(indices), self.micro)]
+
+    def load_batch(self, iteration: int, indices: list[int]) -> tuple[Any, list[dict[str, Any]]]:
+        import torch
+
+        from hcformer.data import collate
+
+        batch = collate([self.sample(iteration, j) for j in indices], size_divisibility=32)
+        height, width = train_pad_size(self.cfg)
+        images = batch["images"]
+        if images.shape[-2] < height or images.shape[-1] < width:
+            padded = images.new_zeros((*images.shape[:2], height, width))
+            padded[..., : images.shape[-2], : images.shape[-1]] = images
+            images = padded
+        targets = []
+        for t in batch["targets"]:
+            masks = t["instances"]["masks"]
+            if tuple(masks.shape[-2:]) != tuple(images.shape[-2:]):
+                grown = masks.new_zeros((masks.shape[0], *images.shape[-2:]))
+                grown[:, : masks.shape[-2], : masks.shape[-1]] = masks
+                masks = grown
+            target = {
+                "labels": t["instances"]["labels"].to(self.device),
+                "masks": masks.to(self.device),
+            }
+            if "sem_seg" in t:
+                sem = t["sem_seg"]
+                if tuple(sem.shape) != tuple(images.shape[-2:]):
+                    grown = torch.full(tuple(images.shape[-2:]), 255, dtype=sem.dtype)
+                    grown[: sem.shape[0], : sem.shape[1]] = sem
+                    sem = grown
+                target["sem_seg"] = sem.to(self.device)
+            targets.append(target)
+        return images.to(self.device, non_blocking=True).float(), targets
+
+    # -- one iteration ----------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        """One iteration over the global batch; returns this process's loss shares."""
+        import torch
+
+        from hcformer.engine import signals
+        from hcformer.engine.distributed import all_reduce_sum
+        from hcformer.engine.randomness import point_generator, seed_dropout
+        from hcformer.losses import LossNorm, summarize
+
+        it = self.iteration
+        passes = [self.load_batch(it, idx) + (idx,) for idx in self.micro_batches(it)]
+        local = sum(
+            (
+                self.criterion.norm_for(targets, self.cfg.model.head.queries).as_tensor()
+                for _, targets, _ in passes
+            ),
+            torch.zeros(4, dtype=torch.float64),
+        )
+        norm = LossNorm.from_tensor(all_reduce_sum(local.to(self.device)).cpu())
+        totals: dict[str, float] = {}
+        for n, (images, targets, indices) in enumerate(passes):
+            seed_dropout(self.seed, it, indices[0])
+            sync = n == len(passes) - 1 or not self.dist.enabled
+            ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
+            with ctx:
+                with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                    outputs = self.ddp_model(images)
+                generators = [point_generator(self.seed, it, j, self.device) for j in indices]
+                losses = self.criterion(outputs, targets, generators=generators, norm=norm)
+                # Shares of the global loss; DDP averages gradients over processes, so scale back.
+                loss = sum(losses.values()) * self.dist.world_size
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            for key, value in summarize(losses).items():
+                totals[key] = totals.get(key, 0.0) + value
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.solver.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.cfg.solver.clip_grad
+            )
+            totals["grad_norm"] = float(grad_norm) / max(self.dist.world_size, 1)
+        with signals.signals_blocked(), self._update_lock:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.iteration = it + 1
+        return totals
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, *, progress: bool = True) -> TrainResult:
+        import torch
+
+        from hcformer.engine import signals
+        from hcformer.engine.checkpoint import atomic_torch_save
+        from hcformer.engine.distributed import all_reduce_sum
+        from hcformer.engine.runinfo import FINAL_WEIGHTS
+
+        solver = self.cfg.solver
+        total = solver.iterations
+        main = self.dist.is_main
+        tracker = self._open_tracker() if main else None
+        log = TrainLog(self.run_dir, self.iteration) if main else None
+        bar = Progress(total, self.iteration, enabled=main and progress)
+        signals.register_saver(self.save)
+        stopped = False
+        try:
+            while self.iteration < total:
+                started = time.perf_counter()
+                totals = self.step()
+                self.elapsed += time.perf_counter() - started
+                it = self.iteration
+                if it % max(solver.log_every, 1) == 0 or it == total:
+                    keys = sorted(totals)
+                    values = all_reduce_sum(
+                        torch.tensor(
+                            [totals[k] for k in keys], dtype=torch.float64, device=self.device
+                        )
+                    ).tolist()
+                    entry = {"iteration": it, **dict(zip(keys, values))}
+                    entry["lr"] = max(g["lr"] for g in self.optimizer.param_groups)
+                    entry["time"] = round(self.elapsed, 3)
+                    if log is not None:
+                        log.write(entry)
+                    if tracker is not None:
+                        tracker.log_metrics(
+                            {k: v for k, v in entry.items() if k != "iteration"}, it
+                        )
+                    bar.update(it, entry)
+                flag = torch.tensor([1.0 if signals.stop_requested() else 0.0], device=self.device)
+                if float(all_reduce_sum(flag)) > 0:
+                    stopped = it < total
+                    if stopped:
+                        self.save()
+                        break
+                if solver.checkpoint_every > 0 and it % solver.checkpoint_every == 0 and it < total:
+                    self.save()
+        except BaseException:
+            if tracker is not None:
+                tracker.end("FAILED")
+            raise
+        finally:
+            signals.register_saver(None)
+            bar.close()
+        if stopped:
+            if main:
+                print(
+                    f"hcformer train: stopped at iteration {self.iteration}; rerun to resume",
+                    file=sys.stderr,
+                )
+            return TrainResult(self.iteration, False, True, signals.exit_code())
+        self.save()
+        if main:
+            atomic_torch_save(self.model.state_dict(), self.run_dir / FINAL_WEIGHTS)
+        return TrainResult(self.iteration, True, False, 0)
+
+    def _open_tracker(self):
+        if not self.cfg.tracking.enabled:
+            return None
+        from hcformer.tracking import open_tracker
+
+        return open_tracker(self.run_dir, to_dict(self.cfg), self.info)
+
+
+class TrainLog:
+    """``train_log.jsonl``: one JSON line per logged iteration; on resume, lines past the
+    resumed iteration (written after the last checkpoint) are dropped so the log replays too."""
+
+    def __init__(self, run_dir: Path, resumed_at: int) -> None:
+        from hcformer.engine.runinfo import TRAIN_LOG, write_text_atomic
+
+        self.path = Path(run_dir) / TRAIN_LOG
+        if self.path.is_file():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                    if int(json.loads(line).get("iteration", 0)) <= resumed_at:
+                        kept.append(line)
+            write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+class Progress:
+    """A tqdm bar on a terminal, else one line per logged iteration on stderr."""
+
+    def __init__(self, total: int, start: int, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
+        self.last = start
+
+    def update(self, it: int, entry: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(it - self.last)
+            self.bar.set_postfix(loss=f"{entry.get('loss', 0):.3f}", lr=f"{entry['lr']:.2e}")
+        else:
+            print(
+                f"hcformer train: it {it}/{self.total} loss {entry.get('loss', 0):.4f} "
+                f"lr {entry['lr']:.3g} time {entry['time']:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.last = it
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(
+    cfg: Config, run_dir: str | Path, *, seed: int, info: dict[str, Any], progress: bool = True
+) -> TrainResult:
+    """Train (or resume) ``cfg`` into ``run_dir``; see the module docstring."""
+    from hcformer.engine import signals
+    from hcformer.engine.runinfo import FINAL_WEIGHTS, write_run_files
+
+    run_dir = Path(run_dir)
+    trainer = Trainer(cfg, run_dir, seed=seed, info=info)
+    if trainer.dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(run_dir, cfg, info)
+    if (run_dir / FINAL_WEIGHTS).is_file():
+        if trainer.dist.is_main:
+            print(
+                f"hcformer train: {run_dir / FINAL_WEIGHTS} exists; nothing to do", file=sys.stderr
+            )
+        return TrainResult(cfg.solver.iterations, True, False, 0)
+    signals.reset()
+    with signals.handle_signals():
+        trainer.setup()
+        return trainer.run(progress=progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hcformer train", description=__doc__.split("\n")[0])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--experiment", help="experiment id (see `hcformer experiments`)")
+    what.add_argument("--config", help="a config YAML of one's own instead of --experiment")
+    p.add_argument("--scale", default="paper", choices=SCALES, help="scale overlay (default paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", required=True, help="the run folder (created; resumed if present)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, info = run_config(
+        experiment=args.experiment,
+        config_file=args.config,
+        scale=args.scale,
+        seed=args.seed,
+        overrides=args.set,
+    )
+    result = train(cfg, args.run_dir, seed=args.seed, info=info, progress=not args.no_progress)
+    return result.exit_code

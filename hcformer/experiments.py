@@ -1,0 +1,581 @@
+"""The paper's tables as data: table rows -> unique experiments with canonical ids.
+
+``experiments/tables/<id>.yaml`` names the rows of one table of arXiv:2205.09949v3. A row is
+either quoted from another paper (``quoted: true`` + ``source:``) or a set of dotted overrides
+(``set:``) on the dataset's base config ``experiments/base/<dataset>.yaml``; table IV's rows
+combine three runs, one per dataset column (``runs:``). A config is resolved as
+
+    base/<dataset>.yaml -> base/backbones.yaml[<backbone>] -> table ``defaults:`` -> row ``set:``
+    -> scale overlay (common, dataset, backbone, head sections) -> row ``schedule:`` multiplier
+    -> normalisation (dcnv2 is irrelevant where no clustering module sits, e.g. at L0)
+
+Identical resolved configs are one experiment, trained once and shared by every row that uses
+it. Its id is derived from the paper-scale resolved config, e.g.
+``coco_panoptic/hcformer-r50-L3-D8-Q100``: readable, scale-independent, and unique (names that
+would collide get a short hash of the config appended).
+
+``hcformer experiments [--table ID] [--scale S] [--json]`` lists them. This module imports only
+``hcformer.config`` and ``hcformer.errors`` (no torch): the Snakefile and the submitting
+process import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hcformer.config import (
+    Config,
+    build_config,
+    flatten,
+    load_yaml,
+    merge,
+    to_dict,
+)
+from hcformer.errors import ConfigError
+
+SCALES = ("paper", "tiny", "smoke")
+
+# Keys a paper table varies: a scale overlay must never set them (DESIGN.md, "Conventions").
+VARIED_KEYS = (
+    "model.backbone.name",
+    "model.backbone.hierarchy_level",
+    "model.backbone.dcnv2",
+    "model.backbone.output_stride",
+    "model.head.type",
+    "model.head.decoder",
+    "model.head.decoder_layers",
+    "model.head.queries",
+    "model.head.encoder_layers",
+)
+
+# Columns that come from `hcformer profile` rather than from a run's metrics.json, and columns
+# that print a setting of the row (the paper's own value is shown as is).
+PROFILE_COLUMNS = ("params_m", "gflops", "latency_ms")
+SETTING_COLUMNS = ("crop", "hierarchy_level", "decoder_layers", "dcnv2", "queries")
+
+BACKBONE_TOKENS = {"resnet50": "r50", "resnet101": "r101", "swin_s": "swins", "swin_l": "swinl"}
+MASK_HEADS = ("hcformer", "maskformer")
+ROW_KEYS = {"label", "set", "quoted", "source", "requires", "schedule", "runs"}
+RUN_KEYS = {"dataset", "metric", "set", "schedule"}
+OVERLAY_KEYS = {"extends", "common", "dataset", "backbone", "head", "schedule_multiplier"}
+
+
+def experiments_dir() -> Path:
+    """The ``experiments/`` folder: ``$HCFORMER_EXPERIMENTS`` or the one beside the package."""
+    env = os.environ.get("HCFORMER_EXPERIMENTS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "experiments"
+
+
+# --------------------------------------------------------------------------------------
+# Data classes of the registry.
+
+
+@dataclass(frozen=True)
+class Run:
+    """One experiment a table row needs: the base dataset, overrides and the column it feeds."""
+
+    dataset: str
+    overrides: dict[str, Any]
+    schedule: float = 1.0  # multiplies solver.iterations after the scale overlay
+    column: str | None = None  # table IV: the dataset column this run fills (None: all columns)
+    metric: str | None = None  # table IV: the metric read from the run (e.g. pq for coco_pq)
+    experiment_id: str = ""
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of a paper table. ``values`` are the paper's numbers (paper_values.yaml)."""
+
+    table: str
+    label: str
+    values: dict[str, Any]
+    runs: tuple[Run, ...] = ()
+    quoted: bool = False  # quoted from another paper; with ``runs`` we ALSO train our own
+    source: str = ""
+    requires: str = ""  # "baselines": needs a head type helper G provides (MaskFormer, per-pixel)
+
+    @property
+    def experiment_ids(self) -> list[str]:
+        return [run.experiment_id for run in self.runs]
+
+
+@dataclass(frozen=True)
+class Table:
+    id: str
+    title: str
+    dataset: str | None  # None for table IV (one run per dataset column)
+    columns: tuple[str, ...]
+    rows: tuple[Row, ...]
+    path: Path
+
+    def row(self, label: str) -> Row:
+        for row in self.rows:
+            if row.label == label:
+                return row
+        raise ConfigError(
+            f"table {self.id}: no row {label!r}; rows: {', '.join(r.label for r in self.rows)}"
+        )
+
+
+@dataclass
+class Experiment:
+    """A unique resolved config and the ``(table_id, row_label)`` pairs that use it."""
+
+    id: str
+    dataset: str
+    config: Config  # resolved at the scale it was asked for
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    requires: str = ""
+
+    @property
+    def name(self) -> str:
+        """The id without its dataset prefix (the run folder is runs/<dataset>/<name>/)."""
+        return self.id.split("/", 1)[1]
+
+
+# --------------------------------------------------------------------------------------
+# Loading the YAML files.
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of dotted keys, got {value!r}")
+    return value
+
+
+def _schedule(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{where}: schedule must be a positive number, got {value!r}")
+    return float(value)
+
+
+@functools.lru_cache(maxsize=4)
+def _paper_values(root: Path) -> dict[str, dict[str, Any]]:
+    path = root / "paper_values.yaml"
+    data = load_yaml(path).get("tables")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a 'tables' mapping of table id -> rows")
+    return data
+
+
+_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8, "IX": 9}
+
+
+def table_sort_key(table_id: str) -> tuple[int, int, str]:
+    """The paper's order: table1..table6, then the appendix tableI_a, tableI_b, tableII..."""
+    rest = table_id.removeprefix("table")
+    number, _, part = rest.partition("_")
+    if number.isdigit():
+        return (0, int(number), part)
+    return (1, _ROMAN.get(number, 99), part or rest)
+
+
+def _dataset_names(root: Path) -> list[str]:
+    return sorted(p.stem for p in (root / "base").glob("*.yaml") if p.stem != "backbones")
+
+
+def _parse_row(raw: Any, index: int, path: Path, tdata: dict[str, Any]) -> dict:
+    where = f"{path}: rows[{index}]"
+    if not isinstance(raw, dict) or "label" not in raw:
+        raise ConfigError(f"{where}: expected a mapping with a 'label'")
+    unknown = set(raw) - ROW_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(ROW_KEYS)}")
+    label = str(raw["label"])
+    where = f"{path}: row {label!r}"
+    quoted = bool(raw.get("quoted", False))
+    if quoted and not raw.get("source"):
+        raise ConfigError(f"{where}: a quoted row needs a 'source' (the paper it quotes)")
+    defaults = _mapping(tdata.get("defaults"), f"{path}: defaults")
+    runs: list[Run] = []
+    if "runs" in raw:
+        if "set" in raw:
+            raise ConfigError(f"{where}: give either 'set' or 'runs', not both")
+        for column, spec in _mapping(raw["runs"], f"{where}: runs").items():
+            spec = _mapping(spec, f"{where}: runs.{column}")
+            unknown = set(spec) - RUN_KEYS
+            if unknown or "dataset" not in spec or "metric" not in spec:
+                raise ConfigError(
+                    f"{where}: runs.{column} needs 'dataset' and 'metric' (and optional 'set', "
+                    f"'schedule'); got keys {sorted(spec)}"
+                )
+            runs.append(
+                Run(
+                    dataset=str(spec["dataset"]),
+                    overrides={**defaults, **_mapping(spec.get("set"), f"{where}: runs.{column}")},
+                    schedule=_schedule(spec.get("schedule", 1), f"{where}: runs.{column}"),
+                    column=str(column),
+                    metric=str(spec["metric"]),
+                )
+            )
+    elif "set" in raw or not quoted:
+        dataset = tdata.get("dataset")
+        if not dataset:
+            raise ConfigError(f"{where}: the table has no 'dataset'; give the row 'runs:'")
+        runs.append(
+            Run(
+                dataset=str(dataset),
+                overrides={**defaults, **_mapping(raw.get("set"), f"{where}: set")},
+                schedule=_schedule(raw.get("schedule", 1), where),
+            )
+        )
+    return {
+        "label": label,
+        "runs": runs,
+        "quoted": quoted,
+        "source": str(raw.get("source", "")),
+        "requires": str(raw.get("requires", "")),
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tables(root: Path) -> tuple[Table, ...]:
+    tables_dir = root / "tables"
+    paths = sorted(tables_dir.glob("*.yaml"), key=lambda p: table_sort_key(p.stem))
+    if not paths:
+        raise ConfigError(
+            f"{tables_dir}: no table files (<table_id>.yaml); set HCFORMER_EXPERIMENTS to the "
+            "project's experiments/ folder"
+        )
+    values = _paper_values(root)
+    datasets = _dataset_names(root)
+    parsed_tables = []
+    for path in paths:
+        table_id = path.stem
+        tdata = load_yaml(path)
+        for key in ("title", "columns", "rows"):
+            if key not in tdata:
+                raise ConfigError(f"{path}: missing key {key!r}")
+        dataset = tdata.get("dataset")
+        if dataset is not None and dataset not in datasets:
+            raise ConfigError(f"{path}: dataset {dataset!r} is not one of {datasets}")
+        if table_id not in values:
+            raise ConfigError(
+                f"{path}: table {table_id!r} has no values in {root / 'paper_values.yaml'}"
+            )
+        paper_rows = {r["label"]: r for r in values[table_id].get("rows", [])}
+        rows = [_parse_row(raw, i, path, tdata) for i, raw in enumerate(tdata["rows"])]
+        labels = [r["label"] for r in rows]
+        dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+        if dupes:
+            raise ConfigError(f"{path}: duplicate row labels {dupes}")
+        for row in rows:
+            if row["label"] not in paper_rows:
+                raise ConfigError(
+                    f"{path}: row {row['label']!r} has no values in paper_values.yaml table "
+                    f"{table_id}; labels there: {', '.join(paper_rows)}"
+                )
+            for run in row["runs"]:
+                if run.dataset not in datasets:
+                    raise ConfigError(
+                        f"{path}: row {row['label']!r}: dataset {run.dataset!r} is not one of "
+                        f"{datasets}"
+                    )
+        parsed_tables.append((table_id, path, tdata, paper_rows, rows))
+
+    # Ids come from the paper-scale configs of all tables at once (collisions need them all).
+    paper = {
+        id(run): _resolve_run(root, run, "paper")
+        for *_, rows in parsed_tables
+        for row in rows
+        for run in row["runs"]
+    }
+    ids = _assign_ids({config_hash(cfg): cfg for cfg in paper.values()})
+    tables = []
+    for table_id, path, tdata, paper_rows, rows in parsed_tables:
+        built = []
+        for row in rows:
+            runs = tuple(
+                dataclasses.replace(run, experiment_id=ids[config_hash(paper[id(run)])])
+                for run in row["runs"]
+            )
+            row_values = {
+                k: v for k, v in paper_rows[row["label"]].items() if k in tdata["columns"]
+            }
+            built.append(Row(table=table_id, values=row_values, **{**row, "runs": runs}))
+        tables.append(
+            Table(
+                id=table_id,
+                title=str(tdata["title"]),
+                dataset=tdata.get("dataset"),
+                columns=tuple(tdata["columns"]),
+                rows=tuple(built),
+                path=path,
+            )
+        )
+    return tuple(tables)
+
+
+def load_tables(root: str | Path | None = None) -> list[Table]:
+    """Every table of ``experiments/tables/``, rows linked to their paper values and ids."""
+    return list(_load_tables(Path(root) if root else experiments_dir()))
+
+
+def load_table(table_id: str, root: str | Path | None = None) -> Table:
+    tables = {t.id: t for t in load_tables(root)}
+    if table_id not in tables:
+        raise ConfigError(f"unknown table {table_id!r}; valid tables: {', '.join(tables)}")
+    return tables[table_id]
+
+
+# --------------------------------------------------------------------------------------
+# Scale overlays.
+
+
+def _check_overlay_keys(section: dict[str, Any], where: str) -> None:
+    for key in flatten(merge({}, section)):
+        for varied in VARIED_KEYS:
+            if key == varied or key.startswith(varied + ".") or varied.startswith(key + "."):
+                raise ConfigError(
+                    f"{where}: sets {key!r}, a key that a paper table varies; scale overlays "
+                    f"must never change {', '.join(VARIED_KEYS)}"
+                )
+
+
+@functools.lru_cache(maxsize=16)
+def _load_overlay(root: Path, scale: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The overlay of ``scale`` as {common, dataset, backbone, head, schedule_multiplier}."""
+    path = root / "scales" / f"{scale}.yaml"
+    if not path.is_file():
+        valid = sorted(p.stem for p in (root / "scales").glob("*.yaml"))
+        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(valid)}")
+    data = load_yaml(path)
+    unknown = set(data) - OVERLAY_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(OVERLAY_KEYS)}")
+    out: dict[str, Any] = {"common": {}, "dataset": {}, "backbone": {}, "head": {}}
+    if data.get("extends"):
+        parent = str(data["extends"])
+        if parent in _seen + (scale,):
+            raise ConfigError(f"{path}: 'extends' forms a cycle through {parent!r}")
+        out = _load_overlay(root, parent, _seen + (scale,))
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in out.items()}
+    out["common"] = merge(out["common"], _mapping(data.get("common"), f"{path}: common"))
+    _check_overlay_keys(out["common"], f"{path}: common")
+    for section in ("dataset", "backbone", "head"):
+        for name, keys in _mapping(data.get(section), f"{path}: {section}").items():
+            where = f"{path}: {section}.{name}"
+            keys = _mapping(keys, where)
+            _check_overlay_keys(keys, where)
+            out[section][name] = merge(out[section].get(name, {}), keys)
+    multiplier = data.get("schedule_multiplier", out.get("schedule_multiplier", True))
+    if not isinstance(multiplier, bool):
+        raise ConfigError(f"{path}: schedule_multiplier must be true or false")
+    out["schedule_multiplier"] = multiplier
+    return out
+
+
+def apply_overlay(cfg: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Apply a loaded scale overlay to a nested config dict (common, dataset, backbone, head)."""
+    out = merge(cfg, overlay["common"])
+    out = merge(out, overlay["dataset"].get(out["data"]["dataset"], {}))
+    out = merge(out, overlay["backbone"].get(out["model"]["backbone"]["name"], {}))
+    return merge(out, overlay["head"].get(out["model"]["head"]["type"], {}))
+
+
+# --------------------------------------------------------------------------------------
+# Resolution and ids.
+
+
+def normalise(cfg: Config) -> Config:
+    """Canonical form: DCNv2 only exists where a ResNet downsampling carries a clustering module
+    (App. E.2), so at hierarchy level 0 and for Swin the flag is irrelevant and set to the
+    default; table II's two L0 rows are then one experiment."""
+    backbone = cfg.model.backbone
+    if backbone.hierarchy_level == 0 or not backbone.name.startswith("resnet"):
+        default = type(backbone)().dcnv2
+        cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(
+                cfg.model, backbone=dataclasses.replace(backbone, dcnv2=default)
+            ),
+        )
+    return cfg
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_yaml(path: Path) -> dict[str, Any]:
+    return load_yaml(path)  # never mutated: merge() copies
+
+
+def _resolve_run(root: Path, run: Run, scale: str = "paper") -> Config:
+    base_path = root / "base" / f"{run.dataset}.yaml"
+    data = _cached_yaml(base_path)
+    backbones = _cached_yaml(root / "base" / "backbones.yaml")
+    name = merge(data, run.overrides).get("model", {}).get("backbone", {}).get("name", "resnet50")
+    data = merge(data, _mapping(backbones.get(name), f"{root / 'base' / 'backbones.yaml'}: {name}"))
+    data = merge(data, run.overrides)
+    try:
+        cfg_dict = to_dict(build_config(data))
+    except ConfigError as exc:
+        raise ConfigError(f"{base_path} with overrides {run.overrides}: {exc}") from None
+    overlay = _load_overlay(root, scale)
+    resolved = apply_overlay(cfg_dict, overlay)
+    if overlay["schedule_multiplier"] and run.schedule != 1.0:
+        resolved["solver"]["iterations"] = round(resolved["solver"]["iterations"] * run.schedule)
+    try:
+        cfg = build_config(resolved)
+    except ConfigError as exc:
+        raise ConfigError(f"{root / 'scales' / (scale + '.yaml')}: {exc}") from None
+    before, after = flatten(cfg_dict), flatten(to_dict(cfg))
+    for key in VARIED_KEYS:  # belt and braces: the overlay checks should make this impossible
+        if before[key] != after[key]:
+            raise ConfigError(f"scale {scale!r} changed {key} from {before[key]} to {after[key]}")
+    return normalise(cfg)
+
+
+def readable_name(cfg: Config) -> str:
+    """``<dataset>/<model>-<backbone>-L<k>-D<d>-Q<q>[-nodcn][-plus][-std]`` (per-pixel models:
+    ``<head>-<backbone>-os<s>`` when dilated, else ``-L<k>``)."""
+    backbone, head = cfg.model.backbone, cfg.model.head
+    parts = [head.type, BACKBONE_TOKENS.get(backbone.name, backbone.name)]
+    if head.type in MASK_HEADS:
+        if head.type == "hcformer" or backbone.hierarchy_level:
+            parts.append(f"L{backbone.hierarchy_level}")
+        parts += [f"D{head.decoder_layers}", f"Q{head.queries}"]
+    elif backbone.output_stride != 32:
+        parts.append(f"os{backbone.output_stride}")
+    else:
+        parts.append(f"L{backbone.hierarchy_level}")
+    if backbone.name.startswith("resnet") and backbone.hierarchy_level and not backbone.dcnv2:
+        parts.append("nodcn")
+    if head.encoder_layers == 6:
+        parts.append("plus")
+    elif head.encoder_layers:
+        parts.append(f"E{head.encoder_layers}")
+    if head.type == "hcformer" and head.decoder == "standard":
+        parts.append("std")
+    return f"{cfg.data.dataset}/" + "-".join(parts)
+
+
+def config_hash(cfg: Config) -> str:
+    """A short, stable hash of a resolved config (sorted JSON of its plain-dict form)."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:7]
+
+
+def _assign_ids(configs: dict[str, Config]) -> dict[str, str]:
+    """Map config hash -> unique id: a readable name shared by different configs gets
+    ``-h<hash>`` appended for every config in the collision (so no order dependence)."""
+    by_name: dict[str, set[str]] = {}
+    for digest, cfg in configs.items():
+        by_name.setdefault(readable_name(cfg), set()).add(digest)
+    ids = {}
+    for name, digests in by_name.items():
+        for digest in digests:
+            ids[digest] = name if len(digests) == 1 else f"{name}-h{digest}"
+    return ids
+
+
+@functools.lru_cache(maxsize=8)
+def _all_experiments(root: Path, scale: str) -> dict[str, Experiment]:
+    uses: dict[str, list[tuple[Table, Row, Run]]] = {}
+    for table in _load_tables(root):
+        for row in table.rows:
+            for run in row.runs:
+                uses.setdefault(run.experiment_id, []).append((table, row, run))
+    out: dict[str, Experiment] = {}
+    for exp_id, users in sorted(uses.items()):
+        configs = [_resolve_run(root, run, scale) for _, _, run in users]
+        if len({config_hash(c) for c in configs}) > 1:
+            rows = ", ".join(f"{t.id}:{r.label}" for t, r, _ in users)
+            raise ConfigError(
+                f"experiment {exp_id}: rows {rows} are identical at paper scale but differ at "
+                f"scale {scale!r} (a row's schedule or overrides interact with the overlay)"
+            )
+        out[exp_id] = Experiment(
+            id=exp_id,
+            dataset=users[0][2].dataset,
+            config=configs[0],
+            rows=list(dict.fromkeys((t.id, r.label) for t, r, _ in users)),
+            requires=next((r.requires for _, r, _ in users if r.requires), ""),
+        )
+    return out
+
+
+def all_experiments(scale: str = "paper", root: str | Path | None = None) -> dict[str, Experiment]:
+    """Every unique experiment of every table, keyed by canonical id, resolved at ``scale``
+    (a copy: callers may change the configs)."""
+    return copy.deepcopy(_all_experiments(Path(root) if root else experiments_dir(), scale))
+
+
+def get_experiment(exp_id: str, scale: str = "paper", root: str | Path | None = None) -> Experiment:
+    """One experiment by canonical id; an unknown id is a ConfigError listing the valid ones."""
+    experiments = _all_experiments(Path(root) if root else experiments_dir(), scale)
+    if exp_id not in experiments:
+        import difflib
+
+        close = difflib.get_close_matches(exp_id, list(experiments), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"unknown experiment {exp_id!r}{hint}; valid experiments: {', '.join(experiments)}"
+        )
+    return copy.deepcopy(experiments[exp_id])
+
+
+def resolve(exp_id: str, scale: str = "paper", root: str | Path | None = None) -> Config:
+    """The fully resolved config of experiment ``exp_id`` at ``scale``."""
+    return get_experiment(exp_id, scale, root).config
+
+
+def experiments_for_table(
+    table_id: str, scale: str = "paper", root: str | Path | None = None
+) -> list[Experiment]:
+    """The experiments a table needs, in row order (quoted-only rows need none)."""
+    table = load_table(table_id, root)
+    experiments = all_experiments(scale, root)
+    ids = list(dict.fromkeys(i for row in table.rows for i in row.experiment_ids))
+    return [experiments[i] for i in ids]
+
+
+# --------------------------------------------------------------------------------------
+# `hcformer experiments`
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hcformer experiments",
+        description="List the unique experiments of the paper's tables and the rows they feed.",
+    )
+    parser.add_argument("--table", help="only this table (e.g. table5, tableI_a)")
+    parser.add_argument("--scale", default="paper", help="paper, tiny or smoke (default paper)")
+    parser.add_argument("--json", action="store_true", help="JSON with the resolved configs")
+    args = parser.parse_args(argv)
+    if args.table:
+        experiments = experiments_for_table(args.table, args.scale)
+    else:
+        experiments = list(all_experiments(args.scale).values())
+    if args.json:
+        out = [
+            {
+                "id": e.id,
+                "dataset": e.dataset,
+                "rows": [list(r) for r in e.rows],
+                "requires": e.requires,
+                "config": to_dict(e.config),
+            }
+            for e in experiments
+        ]
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    width = max((len(e.id) for e in experiments), default=10)
+    print(f"{'experiment':<{width}}  {'iterations':>10}  rows")
+    for e in experiments:
+        rows = "; ".join(f"{t}: {label}" for t, label in e.rows)
+        needs = f"  [requires {e.requires}]" if e.requires else ""
+        print(f"{e.id:<{width}}  {e.config.solver.iterations:>10}  {rows}{needs}")
+    print(f"{len(experiments)} experiments at scale {args.scale}")
+    return 0

@@ -1,0 +1,171 @@
+"""Submitit executors for the ``slurm`` and ``local`` launchers, and waiting on their jobs.
+
+DESIGN.md, flow step 4: a run rule calls ``hcformer run``, which submits one job per run through
+submitit and blocks until it ends, so Snakemake never needs to know SLURM. This module holds the
+submitit side: the SLURM options (:class:`SlurmOptions`), building an executor, and a handle
+(:class:`JobHandle`) that tells whether a job (submitted now, or recorded in ``job.json`` by an
+earlier process) has ended, without importing torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core.utils import JobPaths, pickle_load
+
+from hcformer.errors import ConfigError
+from hcformer.launch.runfolder import FINISHED_STATES, job_alive, pid_alive, slurm_job_state
+
+
+@dataclass
+class SlurmOptions:
+    """What a SLURM job asks for. ``None`` = the experiment's ``Config.resources`` (``gpus``,
+    ``cpus`` and ``mem_gb`` per node, ``time_min``), then defaults.
+
+    ``tasks_per_node`` = ``gpus_per_node`` by default (one DDP process per GPU); the node's CPUs
+    are shared among its tasks.
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    tasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    time_min: int | None = None
+    signal_delay_s: int = 120  # the engine's save must fit in here
+    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load ...)
+    extra: dict[str, str] = field(default_factory=dict)  # any other sbatch flag
+
+    def resolved(self, resources: dict[str, Any]) -> dict[str, Any]:
+        """The submitit SlurmExecutor parameters for an experiment's ``resources``."""
+        res = dict(resources or {})
+
+        def pick(value: Any, *keys: str, default: Any = None) -> Any:
+            if value is not None:
+                return value
+            for key in keys:
+                if res.get(key) is not None:
+                    return res[key]
+            return default
+
+        gpus = int(pick(self.gpus_per_node, "gpus_per_node", "gpus", default=1))
+        nodes = int(pick(self.nodes, "nodes", default=1))
+        if gpus < 0 or nodes < 1:
+            raise ConfigError(f"slurm: gpus_per_node={gpus}, nodes={nodes}: expected >= 0 and >= 1")
+        if res.get("time_hours") is not None and self.time_min is None and "time_min" not in res:
+            res["time_min"] = int(float(res["time_hours"]) * 60)
+        tasks = int(pick(self.tasks_per_node, "tasks_per_node", default=max(gpus, 1)))
+        # ``resources.cpus`` counts the CPUs of a node; SLURM wants them per task.
+        cpus = (
+            self.cpus_per_task
+            or res.get("cpus_per_task")
+            or max(int(res.get("cpus", 8 * tasks)) // tasks, 1)
+        )
+        params: dict[str, Any] = {
+            "nodes": nodes,
+            "gpus_per_node": gpus or None,
+            "ntasks_per_node": tasks,
+            "cpus_per_task": int(cpus),
+            "time": int(pick(self.time_min, "time_min", default=60 * 24)),
+            "signal_delay_s": self.signal_delay_s,
+            "partition": pick(self.partition, "partition"),
+            "account": self.account,
+            "qos": pick(self.qos, "qos"),
+            "constraint": pick(self.constraint, "constraint"),
+        }
+        mem = pick(self.mem_gb, "mem_gb")
+        if mem is not None:
+            params["mem"] = f"{int(float(mem))}GB"
+        if self.setup:
+            params["setup"] = list(self.setup)
+        if self.extra:
+            params["additional_parameters"] = dict(self.extra)
+        return {k: v for k, v in params.items() if v is not None}
+
+
+def make_executor(
+    launcher: str, folder: Path, slurm: dict[str, Any] | None = None
+) -> submitit.Executor:
+    """A submitit executor writing its files (pickles, logs) into ``folder``."""
+    if launcher == "slurm":
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=100)
+        executor.update_parameters(**(slurm or {}))
+        return executor
+    if launcher == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=60 * 24 * 7)
+        return executor
+    raise ConfigError(f"launcher {launcher!r}: expected slurm, local or inline")
+
+
+@dataclass
+class JobHandle:
+    """A job to wait on: just submitted (``job`` set) or re-attached from ``job.json``."""
+
+    launcher: str
+    job_id: str
+    folder: Path
+    job: Any = None  # a submitit Job when this process submitted it
+    pid: int | None = None  # a local job's process
+
+    @property
+    def paths(self) -> JobPaths:
+        return JobPaths(self.folder, job_id=self.job_id, task_id=0)
+
+    def done(self) -> bool:
+        if self.paths.result_pickle.exists():
+            return True
+        if self.launcher == "slurm":
+            state = slurm_job_state(self.job_id)  # None: SLURM did not answer; ask again later
+            return state is not None and (state == "" or state in FINISHED_STATES)
+        if self.job is not None:
+            return bool(self.job.done())
+        return self.pid is None or not pid_alive(self.pid)
+
+    def error(self) -> str | None:
+        """The job's error (submitit's traceback) when it failed, None when it succeeded."""
+        path = self.paths.result_pickle
+        if not path.exists():
+            return "the job ended without a result (killed, cancelled or out of memory?)"
+        with contextlib.suppress(Exception):
+            outcome, payload = pickle_load(path)
+            return None if outcome == "success" else str(payload)
+        return f"unreadable result file {path}"
+
+    def logs(self) -> list[Path]:
+        return [self.paths.stderr, self.paths.stdout]
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "launcher": self.launcher,
+            "job_id": self.job_id,
+            "folder": str(Path(self.folder).resolve()),
+        }
+        if self.pid is not None:
+            out["pid"] = self.pid
+        return out
+
+
+def reattach(job: dict[str, Any] | None, launcher: str) -> JobHandle | None:
+    """A handle on the live job recorded in ``job.json`` when it was made by ``launcher``."""
+    if not job or job.get("launcher") != launcher or not job_alive(job):
+        return None
+    pid = int(job["pid"]) if job.get("pid") else None
+    return JobHandle(launcher, str(job["job_id"]), Path(job["folder"]), pid=pid)
+
+
+def submit(executor: submitit.Executor, launcher: str, folder: Path, fn: Any) -> JobHandle:
+    job = executor.submit(fn)
+    pid = None
+    if launcher == "local":
+        process = getattr(job, "_process", None)
+        pid = process.pid if process is not None else int(job.job_id)
+    return JobHandle(launcher, str(job.job_id), Path(folder), job=job, pid=pid)

@@ -1,0 +1,258 @@
+"""``hcformer run``: train then evaluate (experiment, seed) runs through a launcher, and wait.
+
+DESIGN.md, flow steps 3-5. One job per run trains then evaluates (one process start):
+
+- ``slurm``: one SLURM job per run through submitit (GPUs, DDP tasks, requeue on preemption and
+  time-out; logs opened in append mode so they survive a requeue);
+- ``local``: one local process per run (submitit's LocalExecutor);
+- ``inline``: in this process, the runs one after another (``--seeds 0 1 2`` pays the torch
+  import once: what the ``smoke`` scale needs).
+
+The process that submits and waits imports no torch (about 200 of them sit on a login node at
+paper scale). It locks each run folder (a second ``hcformer run`` on it fails with a clear
+error; a lock whose holder is dead is taken over), records the job in ``job.json``, re-attaches
+to the live job recorded there instead of submitting again, and when a job fails prints the
+tail of its log and exits 1. A run folder that already has ``metrics.json`` is up to date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hcformer.errors import ConfigError
+from hcformer.launch.runfolder import (
+    METRICS_FILE,
+    git_commit,
+    locked,
+    log_tail,
+    read_job,
+    update_job,
+)
+
+LAUNCHERS = ("slurm", "local", "inline")
+RESULT_GRACE_S = 30.0  # wait this long for a finished job's files to appear
+
+
+def run_dir_for(results: Path, experiment: str, seed: int) -> Path:
+    """``<results>/runs/<exp_id>/seed<k>`` (``results`` is a scale's root, e.g. results/smoke)."""
+    return Path(results) / "runs" / experiment / f"seed{seed}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hcformer run",
+        description="Train then evaluate runs of an experiment through a launcher, and wait.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--experiment", help="canonical experiment id (hcformer experiments)")
+    what.add_argument("--config", help="a config file of one's own instead of --experiment")
+    p.add_argument("--scale", required=True, choices=("smoke", "tiny", "paper"))
+    seeds = p.add_mutually_exclusive_group(required=True)
+    seeds.add_argument("--seed", type=int, help="one seed")
+    seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds, one run folder each")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--results", help="the scale's results root; runs go to RESULTS/runs/...")
+    where.add_argument("--run-dir", help="the run folder (one seed only)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="inline")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between job checks")
+    # The package whose ``train`` and ``evaluate`` modules a job runs (tests use a stand-in).
+    p.add_argument("--engine", default="hcformer.engine", help=argparse.SUPPRESS)
+    s = p.add_argument_group("slurm (default: the experiment's resources)")
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    s.add_argument("--qos")
+    s.add_argument("--constraint")
+    s.add_argument("--nodes", type=int)
+    s.add_argument("--gpus-per-node", type=int)
+    s.add_argument("--tasks-per-node", type=int, help="DDP processes per node (= GPUs)")
+    s.add_argument("--cpus-per-task", type=int)
+    s.add_argument("--mem-gb", type=float)
+    s.add_argument("--time-min", type=int)
+    s.add_argument("--signal-delay-s", type=int, default=120)
+    s.add_argument("--setup", action="append", default=[], help="a shell line run before the job")
+    s.add_argument("--sbatch", action="append", default=[], metavar="FLAG=VALUE")
+    return p
+
+
+def _resources(args: argparse.Namespace) -> dict[str, Any]:
+    """The experiment's ``Config.resources`` (the registry imports no torch)."""
+    if args.config:
+        from hcformer.config import load_config
+
+        return dict(load_config(args.config, args.overrides).resources)
+    from hcformer.experiments import resolve
+
+    return dict(resolve(args.experiment, args.scale).resources)
+
+
+def _slurm_params(args: argparse.Namespace) -> dict[str, Any]:
+    from hcformer.launch.executors import SlurmOptions
+
+    extra = {}
+    for item in args.sbatch:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"--sbatch {item!r}: expected FLAG=VALUE, e.g. --sbatch exclude=node1"
+            )
+        extra[key.lstrip("-")] = value
+    options = SlurmOptions(
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        time_min=args.time_min,
+        signal_delay_s=args.signal_delay_s,
+        setup=args.setup,
+        extra=extra,
+    )
+    return options.resolved(_resources(args))
+
+
+def _specs(args: argparse.Namespace) -> list[Any]:
+    from hcformer.launch.job import RunSpec
+
+    seeds = [args.seed] if args.seed is not None else list(args.seeds)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {seeds}: a seed appears twice")
+    if args.run_dir and len(seeds) != 1:
+        raise ConfigError("--run-dir takes one --seed; use --results for several seeds")
+    experiment = args.experiment or ""
+    if args.config and args.results:
+        raise ConfigError("--config needs --run-dir (a config of one's own has no experiment id)")
+    specs = []
+    for seed in seeds:
+        run_dir = (
+            Path(args.run_dir) if args.run_dir else run_dir_for(args.results, experiment, seed)
+        )
+        specs.append(
+            RunSpec(
+                experiment=experiment,
+                scale=args.scale,
+                seed=seed,
+                run_dir=str(run_dir),
+                overrides=list(args.overrides),
+                config=args.config or "",
+                engine=args.engine,
+            )
+        )
+    return specs
+
+
+def _run_inline(specs: list[Any], commit: str) -> int:
+    from hcformer.launch.job import RunJob
+
+    for spec in specs:
+        update_job(
+            Path(spec.run_dir),
+            launcher="inline",
+            job_id=f"inline-{socket.gethostname()}-{os.getpid()}",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            state="submitted",
+            submitted=time.time(),
+            git_commit=commit,
+        )
+    RunJob(specs, threaded=False)()
+    return 0
+
+
+def _run_submitted(
+    args: argparse.Namespace, specs: list[Any], locks: list[Any], commit: str
+) -> int:
+    from hcformer.launch.executors import make_executor, reattach, submit
+    from hcformer.launch.job import RunJob
+
+    slurm = _slurm_params(args) if args.launcher == "slurm" else None
+    handles = []
+    for spec, lock in zip(specs, locks):
+        run_dir = Path(spec.run_dir)
+        handle = reattach(read_job(run_dir), args.launcher)
+        if handle is not None:
+            print(
+                f"hcformer run: {spec.label}: re-attached to job {handle.job_id}", file=sys.stderr
+            )
+        else:
+            folder = run_dir / "jobs"
+            params = {**slurm, "job_name": f"hc-{spec.label}"} if slurm is not None else None
+            executor = make_executor(args.launcher, folder, params)
+            handle = submit(
+                executor, args.launcher, folder, RunJob([spec], threaded=args.launcher == "slurm")
+            )
+            update_job(
+                run_dir,
+                **handle.record(),
+                host=socket.gethostname(),
+                state="submitted",
+                submitted=time.time(),
+                git_commit=commit,
+            )
+            print(f"hcformer run: {spec.label}: submitted job {handle.job_id}", file=sys.stderr)
+        lock.note(job_id=handle.job_id, launcher=args.launcher)
+        handles.append((spec, lock, handle))
+
+    pending = list(handles)
+    while pending:
+        time.sleep(args.poll_s)
+        for _spec, lock, _handle in pending:
+            lock.refresh()
+        pending = [item for item in pending if not item[2].done()]
+
+    failed = 0
+    for spec, _lock, handle in handles:
+        run_dir = Path(spec.run_dir)
+        # A shared file system may show a compute node's last files a little late.
+        deadline = time.time() + RESULT_GRACE_S
+        while not (run_dir / METRICS_FILE).exists() and time.time() < deadline:
+            if handle.paths.result_pickle.exists():
+                break
+            time.sleep(1.0)
+        if (run_dir / METRICS_FILE).exists():
+            continue
+        failed += 1
+        error = handle.error() or "the job ended without writing metrics.json"
+        job = read_job(run_dir) or {}
+        if job.get("state") not in ("failed",):
+            update_job(run_dir, state="failed", heartbeat=time.time())
+        last = error.strip().splitlines()[-1] if error.strip() else error
+        print(
+            f"hcformer run: {spec.label}: job {handle.job_id} failed: {last}\n"
+            f"--- last lines of {handle.paths.stderr} ---\n{log_tail(handle.logs())}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    specs = _specs(args)
+    todo = [s for s in specs if not (Path(s.run_dir) / METRICS_FILE).exists()]
+    for spec in specs:
+        if spec not in todo:
+            print(f"hcformer run: {spec.label}: up to date ({spec.run_dir})", file=sys.stderr)
+    if not todo:
+        return 0
+    commit = git_commit()
+    with locked([Path(s.run_dir) for s in todo]) as locks:
+        for lock in locks:
+            if lock.took_over:
+                print(
+                    f"hcformer run: {lock.run_dir}: took over a stale lock of pid "
+                    f"{lock.took_over.get('pid')} on {lock.took_over.get('host')}",
+                    file=sys.stderr,
+                )
+        if args.launcher == "inline":
+            return _run_inline(todo, commit)
+        return _run_submitted(args, todo, locks, commit)

@@ -1,0 +1,279 @@
+"""The training loss of HCFormer (Sec. 4.1) and of the per-pixel baselines (App. E.1).
+
+Mask classification (HCFormer, HCFormer+, MaskFormer), as Mask2Former (implementation-notes.md
+"Loss"): every prediction set (the final one and, with deep supervision, each earlier decoder
+layer's, equally weighted) is matched to the targets with :class:`HungarianMatcher`; then
+
+- class: cross-entropy over K+1 classes, "no object" weighted ``no_object_weight`` (0.1), as a
+  weighted mean over all queries (weight 2.0);
+- mask: binary cross-entropy (5.0) and dice (5.0) of the matched masks on importance-sampled
+  points of the stride-4 logits, summed over masks and divided by the number of target masks;
+- the regulariser ``reg_weight * |sum_i s(i)|`` on the clustering modules' scales, added once.
+  The paper writes L_reg = sum_i |s(i)|; the authors' code takes the absolute value of the sum
+  (implementation-notes.md): we follow the code. The two agree while every s(i) is positive.
+
+Per-pixel models: cross-entropy (ignore 255) of ``sem_logits`` bilinearly upsampled to the label
+size, averaged over labelled pixels, plus the same regulariser.
+
+Normalisers are global: :class:`LossNorm` carries the totals over the whole global batch (every
+micro-batch of gradient accumulation and every DDP process), so that each process returns its
+share of the global loss and the sum over shares equals the loss of one process holding the
+whole batch. Without a ``norm`` the local batch is the global batch (Mask2Former's behaviour on
+one process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hcformer.losses.matcher import HungarianMatcher
+from hcformer.losses.point_sampling import importance_points, point_sample
+
+PER_PIXEL_HEADS = ("fcn32s", "fpn", "pspnet", "deeplabv3")
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """Totals over the global batch that normalise the loss terms.
+
+    Arguments:
+      num_images: images in the global batch (the regulariser is added once per global batch).
+      num_masks: target masks (mask BCE and dice are divided by it; at least 1).
+      class_weight_sum: sum of the cross-entropy weights of all queries (1 for a query matched to
+        a target, ``no_object_weight`` otherwise): the weighted-mean denominator of the class loss.
+      num_pixels: labelled pixels (per-pixel cross-entropy; at least 1).
+    """
+
+    num_images: float
+    num_masks: float
+    class_weight_sum: float
+    num_pixels: float
+
+    def as_tensor(self) -> Tensor:
+        return torch.tensor(
+            [self.num_images, self.num_masks, self.class_weight_sum, self.num_pixels],
+            dtype=torch.float64,
+        )
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> LossNorm:
+        values = [float(v) for v in t.tolist()]
+        return cls(values[0], max(values[1], 1.0), values[2], max(values[3], 1.0))
+
+
+def local_norm(
+    targets: list[dict[str, Tensor]], *, num_queries: int, no_object_weight: float
+) -> LossNorm:
+    """The :class:`LossNorm` counts of a list of targets (sum them over the global batch)."""
+    masks = 0.0
+    weight_sum = 0.0
+    pixels = 0.0
+    for t in targets:
+        n = int(t["labels"].numel()) if "labels" in t else 0
+        matched = min(n, num_queries)
+        masks += n
+        weight_sum += matched + (num_queries - matched) * no_object_weight
+        if "sem_seg" in t:
+            pixels += float((t["sem_seg"] != 255).sum())
+    return LossNorm(float(len(targets)), masks, weight_sum, pixels)
+
+
+def regulariser(cluster_scales: list[Tensor], weight: float) -> Tensor | None:
+    """``weight * |sum_i s(i)|`` (the authors' code; the paper writes sum_i |s(i)|)."""
+    if not cluster_scales or weight == 0:
+        return None
+    return weight * torch.stack([s.reshape(()) for s in cluster_scales]).sum().abs()
+
+
+class SetCriterion(nn.Module):
+    """Matching-based loss of a mask-classification model, with deep supervision.
+
+    Arguments:
+      num_classes: K (the logits have K+1 columns, the last is "no object").
+      matcher: the Hungarian matcher.
+      class_weight, mask_weight, dice_weight: loss weights (2, 5, 5).
+      no_object_weight: cross-entropy weight of the "no object" class (0.1).
+      reg_weight: weight of the |sum s| regulariser (0.1).
+      num_points, oversample_ratio, importance_sample_ratio: point sampling of the mask loss.
+      deep_supervision: also supervise ``aux_outputs``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        class_weight: float,
+        mask_weight: float,
+        dice_weight: float,
+        no_object_weight: float,
+        reg_weight: float,
+        num_points: int,
+        oversample_ratio: float,
+        importance_sample_ratio: float,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.class_weight = class_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.no_object_weight = no_object_weight
+        self.reg_weight = reg_weight
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.deep_supervision = deep_supervision
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = no_object_weight
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    def norm_for(self, targets: list[dict[str, Tensor]], num_queries: int) -> LossNorm:
+        return local_norm(targets, num_queries=num_queries, no_object_weight=self.no_object_weight)
+
+    def _class_loss(
+        self, logits: Tensor, targets: list[dict[str, Tensor]], indices, norm: LossNorm
+    ) -> Tensor:
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )
+        for b, (src, tgt) in enumerate(indices):
+            target_classes[b, src.to(logits.device)] = targets[b]["labels"][tgt.to(logits.device)]
+        ce = F.cross_entropy(
+            logits.float().transpose(1, 2),
+            target_classes,
+            weight=self.empty_weight.to(logits.device),
+            reduction="sum",
+        )
+        return ce / norm.class_weight_sum
+
+    def _mask_losses(
+        self,
+        masks: Tensor,
+        targets: list[dict[str, Tensor]],
+        indices,
+        generators: list[torch.Generator],
+        norm: LossNorm,
+    ) -> tuple[Tensor, Tensor]:
+        logits, labels = [], []
+        for b, (src, tgt) in enumerate(indices):
+            if src.numel() == 0:
+                continue
+            src_masks = masks[b, src.to(masks.device)][:, None].float()  # [n, 1, h, w]
+            tgt_masks = targets[b]["masks"][tgt.to(masks.device)][:, None]
+            coords = importance_points(
+                src_masks.detach(),
+                num_points=self.num_points,
+                oversample_ratio=self.oversample_ratio,
+                importance_sample_ratio=self.importance_sample_ratio,
+                generator=generators[b],
+            )
+            with torch.no_grad():
+                labels.append(point_sample(tgt_masks, coords)[:, 0])
+            logits.append(point_sample(src_masks, coords)[:, 0])
+        if not logits:
+            zero = masks.sum() * 0.0
+            return zero, zero
+        logits_t, labels_t = torch.cat(logits), torch.cat(labels)
+        bce = F.binary_cross_entropy_with_logits(logits_t, labels_t, reduction="none").mean(1)
+        probs = logits_t.sigmoid()
+        numerator = 2 * (probs * labels_t).sum(-1)
+        denominator = probs.sum(-1) + labels_t.sum(-1)
+        dice = 1 - (numerator + 1) / (denominator + 1)
+        return bce.sum() / norm.num_masks, dice.sum() / norm.num_masks
+
+    def forward(
+        self,
+        outputs: dict,
+        targets: list[dict[str, Tensor]],
+        *,
+        generators: list[torch.Generator],
+        norm: LossNorm | None = None,
+    ) -> dict[str, Tensor]:
+        """Weighted loss terms: ``loss_ce``, ``loss_mask``, ``loss_dice`` of the final set,
+        ``loss_ce_<i>`` etc. of the earlier set i, and ``loss_reg``; their sum is the loss.
+
+        Arguments:
+          outputs: the model's dict (``pred_logits``, ``pred_masks``, ``aux_outputs``,
+            ``cluster_scales``).
+          targets: per image ``{"labels": [N], "masks": [N, H, W]}`` at the padded input size.
+          generators: one per image, the source of its point samples.
+          norm: totals over the global batch (default: this batch alone).
+        """
+        num_queries = outputs["pred_logits"].shape[1]
+        if norm is None:
+            norm = self.norm_for(targets, num_queries)
+        # Float target masks once for all prediction sets (matcher and mask loss sample them).
+        targets = [dict(t, masks=t["masks"].float()) for t in targets]
+        sets = [("", outputs)]
+        if self.deep_supervision:
+            sets += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        losses: dict[str, Tensor] = {}
+        for suffix, pred in sets:
+            indices = self.matcher(pred["pred_logits"], pred["pred_masks"], targets, generators)
+            losses["loss_ce" + suffix] = self.class_weight * self._class_loss(
+                pred["pred_logits"], targets, indices, norm
+            )
+            bce, dice = self._mask_losses(pred["pred_masks"], targets, indices, generators, norm)
+            losses["loss_mask" + suffix] = self.mask_weight * bce
+            losses["loss_dice" + suffix] = self.dice_weight * dice
+        reg = regulariser(outputs.get("cluster_scales", []), self.reg_weight)
+        if reg is not None:
+            losses["loss_reg"] = reg * (len(targets) / norm.num_images)
+        return losses
+
+
+class PerPixelCriterion(nn.Module):
+    """Cross-entropy of a per-pixel model (ignore 255) plus the |sum s| regulariser.
+
+    Arguments:
+      reg_weight: weight of the regulariser (HC versions have clustering modules).
+    """
+
+    def __init__(self, *, reg_weight: float) -> None:
+        super().__init__()
+        self.reg_weight = reg_weight
+
+    def norm_for(self, targets: list[dict[str, Tensor]], num_queries: int = 0) -> LossNorm:
+        return local_norm(targets, num_queries=0, no_object_weight=0.0)
+
+    def forward(
+        self,
+        outputs: dict,
+        targets: list[dict[str, Tensor]],
+        *,
+        generators: list[torch.Generator] | None = None,
+        norm: LossNorm | None = None,
+    ) -> dict[str, Tensor]:
+        """``loss_sem`` (and ``loss_reg``); targets are ``{"sem_seg": [H, W]}`` per image."""
+        if norm is None:
+            norm = self.norm_for(targets)
+        labels = torch.stack([t["sem_seg"] for t in targets]).to(outputs["sem_logits"].device)
+        logits = F.interpolate(
+            outputs["sem_logits"].float(),
+            size=labels.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
+        ce = F.cross_entropy(logits, labels, ignore_index=255, reduction="sum")
+        losses = {"loss_sem": ce / norm.num_pixels}
+        reg = regulariser(outputs.get("cluster_scales", []), self.reg_weight)
+        if reg is not None:
+            losses["loss_reg"] = reg * (len(targets) / norm.num_images)
+        return losses
+
+
+def summarize(losses: dict[str, Tensor]) -> dict[str, float]:
+    """Loss terms summed over prediction sets: ``{"loss_ce": ..., "loss_mask": ..., "loss": total}``."""
+    out: dict[str, float] = {}
+    for key, value in losses.items():
+        head, _, tail = key.rpartition("_")
+        term = head if tail.isdigit() else key
+        out[term] = out.get(term, 0.0) + float(value.detach())
+    out["loss"] = sum(float(v.detach()) for v in losses.values())
+    return out

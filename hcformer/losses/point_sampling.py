@@ -1,0 +1,73 @@
+"""Point sampling of mask logits (PointRend, as Mask2Former uses it for matching and the loss).
+
+Losses and matching costs are computed on a set of points instead of every pixel (Sec. 4.1;
+implementation-notes.md "Loss"): the matcher uses ``num_points`` uniform points shared by all
+queries and targets of an image; the loss uses importance sampling: ``oversample_ratio *
+num_points`` uniform candidates, of which the ``importance_sample_ratio`` most uncertain
+(uncertainty = -|logit|) are kept, plus uniform points for the rest.
+
+Every draw takes an explicit ``torch.Generator`` so that the engine can key it by
+(seed, iteration, global sample index): see :mod:`hcformer.engine.randomness`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def point_sample(values: Tensor, coords: Tensor) -> Tensor:
+    """Bilinear values at normalised points.
+
+    Arguments:
+      values: ``[N, C, H, W]`` maps.
+      coords: ``[N, P, 2]`` points as (x, y) in [0, 1] over the map's extent (pixel corners,
+        i.e. ``align_corners=False``).
+
+    Returns ``[N, C, P]``.
+    """
+    grid = 2.0 * coords.unsqueeze(2) - 1.0  # [N, P, 1, 2] in [-1, 1]
+    return F.grid_sample(values, grid.to(values.dtype), align_corners=False).squeeze(3)
+
+
+def uniform_points(n: int, num_points: int, *, generator: torch.Generator, device) -> Tensor:
+    """``[n, num_points, 2]`` uniform points in [0, 1]^2 drawn from ``generator``."""
+    return torch.rand(n, num_points, 2, generator=generator, device=device)
+
+
+@torch.no_grad()
+def importance_points(
+    logits: Tensor,
+    *,
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """Points where the mask logits are most uncertain, plus uniform ones (PointRend).
+
+    Arguments:
+      logits: ``[N, 1, H, W]`` mask logits (one map per matched prediction).
+      num_points: points per map.
+      oversample_ratio: candidates drawn = ``int(num_points * oversample_ratio)``.
+      importance_sample_ratio: fraction of the points taken as the most uncertain candidates
+        (uncertainty = -|logit|); the rest are fresh uniform points.
+      generator: the source of every random draw.
+
+    Returns ``[N, num_points, 2]`` points in [0, 1]^2.
+    """
+    n = logits.shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    if num_sampled < num_points:
+        raise ValueError(f"oversample_ratio {oversample_ratio} must be >= 1")
+    candidates = uniform_points(n, num_sampled, generator=generator, device=logits.device)
+    uncertainty = -point_sample(logits, candidates).abs()[:, 0, :]  # [N, S]
+    num_uncertain = int(importance_sample_ratio * num_points)
+    num_random = num_points - num_uncertain
+    top = torch.topk(uncertainty, k=num_uncertain, dim=1).indices  # [N, k]
+    chosen = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
+    if num_random > 0:
+        extra = uniform_points(n, num_random, generator=generator, device=logits.device)
+        chosen = torch.cat([chosen, extra], dim=1)
+    return chosen

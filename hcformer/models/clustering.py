@@ -1,0 +1,107 @@
+"""The clustering module of Sec. 2.2 (eq. 3) and the level-by-level mask decoding of Sec. 2.3 (eq. 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import nn
+
+from hcformer import ops
+
+
+class ClusteringModule(nn.Module):
+    """Soft clustering of a backbone's fine map onto its downsampled map (Fig. 2, eq. 3).
+
+    Each of the fine and the coarse feature map goes through its own LayerNorm over channels and
+    its own 1x1 convolution (no bias, xavier-normal init) to ``cluster_dim`` = C_F channels, is
+    L2-normalised over channels, and ``hcformer.ops.clustering`` forms the soft assignment of each
+    fine pixel to the 9 coarse cells around its parent, with logits cosine / (1e-8 + |s|) for a
+    trainable scalar s (``scale``).
+    """
+
+    def __init__(
+        self,
+        *,
+        fine_channels: int,
+        coarse_channels: int,
+        cluster_dim: int = 128,
+        scale_init: float = 0.1,
+    ) -> None:
+        """
+        Arguments:
+          fine_channels: channels of the feature map before the downsampling.
+          coarse_channels: channels of the feature map after the downsampling.
+          cluster_dim: C_F, the channels the similarity is computed in (128 in the paper).
+          scale_init: initial value of s(i) (0.1 in the paper).
+        """
+        super().__init__()
+        # eps 1e-6: the channels-first LayerNorm of detectron2, which the authors' code builds on.
+        self.fine_norm = LayerNorm2d(fine_channels, eps=1e-6)
+        self.coarse_norm = LayerNorm2d(coarse_channels, eps=1e-6)
+        self.fine_proj = nn.Conv2d(fine_channels, cluster_dim, kernel_size=1, bias=False)
+        self.coarse_proj = nn.Conv2d(coarse_channels, cluster_dim, kernel_size=1, bias=False)
+        nn.init.xavier_normal_(self.fine_proj.weight)
+        nn.init.xavier_normal_(self.coarse_proj.weight)
+        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+
+    def embed(self, fine: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The L2-normalised C_F-dimensional embeddings F(i) and F_d(i) of Sec. 2.2."""
+        f = F.normalize(self.fine_proj(self.fine_norm(fine)), dim=1)
+        c = F.normalize(self.coarse_proj(self.coarse_norm(coarse)), dim=1)
+        return f, c
+
+    def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """fine [B, C_fine, H, W], coarse [B, C_coarse, H/2, W/2] -> assignment [B, 9, H, W]."""
+        f, c = self.embed(fine, coarse)
+        return ops.clustering(f, c, self.scale)
+
+
+def decode_masks(
+    masks: torch.Tensor, assignments: Sequence[torch.Tensor], levels_total: int = 3
+) -> torch.Tensor:
+    """Decode mask logits from the coarsest map level by level (eq. 5, Sec. 2.3).
+
+    The clustering modules sit at the LAST L = len(assignments) downsamplings of the backbone (the
+    deepest ones: the authors' ``hierarchy_level = L`` keeps the last L; L = 1 is the 16 -> 32
+    downsampling only). Decoding runs coarsest first, so the first L upsamplings (32 -> 16, ...)
+    use eq. (5) with the assignments, deepest first, and the remaining ``levels_total - L`` are
+    2x bilinear (align_corners=False).
+
+    Arguments:
+      masks: [B, ..., h, w] mask logits at the coarsest level (stride 32); any number of middle
+        dims, e.g. [B, Q, h, w] or all prediction sets stacked as [B, S, Q, h, w]: every
+        channel is decoded with the same neighbour weights in one call per level.
+      assignments: soft assignments fine to coarse, each [B, 9, H_i, W_i] (e.g. strides 4->8,
+        8->16, 16->32); the last one must be at twice the resolution of ``masks``.
+      levels_total: number of 2x upsamplings in all (3: stride 32 -> stride 4).
+
+    Returns:
+      [B, ..., h * 2**levels_total, w * 2**levels_total].
+    """
+    if masks.dim() < 3:
+        raise ValueError(f"decode_masks: expected masks [B, ..., h, w], got {tuple(masks.shape)}")
+    n_modules = len(assignments)
+    if n_modules > levels_total:
+        raise ValueError(
+            f"decode_masks: {n_modules} assignments given but only {levels_total} levels to decode"
+        )
+    lead = masks.shape[:-2]
+    b, (h, w) = masks.shape[0], masks.shape[-2:]
+    x = masks.reshape(b, -1, h, w)
+    for step in range(levels_total):
+        if step < n_modules:
+            assignment = assignments[n_modules - 1 - step]
+            if assignment.shape[0] != b or tuple(assignment.shape[-2:]) != (2 * h, 2 * w):
+                raise ValueError(
+                    f"decode_masks: decoding step {step} needs an assignment [{b}, 9, {2 * h}, "
+                    f"{2 * w}], got {tuple(assignment.shape)} (assignments fine to coarse: "
+                    f"{[tuple(a.shape) for a in assignments]}, masks {tuple(masks.shape)})"
+                )
+            x = ops.decode(x, assignment)
+        else:
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        h, w = 2 * h, 2 * w
+    return x.reshape(*lead, h, w)

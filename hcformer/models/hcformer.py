@@ -1,0 +1,123 @@
+"""HCFormer and HCFormer+ (Sec. 2, Fig. 2): clustering in the backbone, a decoder at stride 32.
+
+The backbone clusters pixels hierarchically while it downsamples (eq. 3); the head sees only
+the stride-32 features: ``input_proj`` makes the decoder's memory and a separate ``mask_proj``
+the mask features, the decoder predicts classes and stride-32 masks (eq. 4), and the masks are
+decoded level by level back to stride 4 with the soft assignments (eq. 5; 2x bilinear at the
+levels without a clustering module). In training every prediction set is decoded (deep
+supervision, decoded before the loss as the authors do); in eval only the final one.
+
+HCFormer+ adds a DETR encoder on the stride-32 map, inside ``backbone`` (see ``encoder.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hcformer.models.clustering import decode_masks
+from hcformer.models.encoder import BackboneWithEncoder, TransformerEncoder
+from hcformer.models.position_encoding import PositionEmbeddingSine
+
+# ImageNet statistics on the 0..255 scale (the backbones' pretraining).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+SIZE_DIVISIBILITY = 32
+
+
+class HCFormer(nn.Module):
+    """The HCFormer mask-classification model.
+
+    Arguments:
+      backbone: a backbone with clustering modules (``build_backbone``);
+        ``backbone.out_channels["res5"]`` is the width of its stride-32 map.
+      decoder: ``MaskedAttentionDecoder`` or ``StandardDecoder``; maps (memory, position, mask
+        features) to stacked class logits and stride-32 mask logits.
+      encoder: the HCFormer+ ``TransformerEncoder`` on the stride-32 map, or None (HCFormer).
+        It is wrapped with the backbone into the module ``backbone`` (so its parameters are the
+        backbone's, trained at the backbone's learning rate, as in the authors' code).
+      hidden_dim: width of the decoder's memory (256).
+      mask_dim: width of the mask features (256).
+      levels_total: downsamplings from stride 4 to 32 that the masks are decoded through (3).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        decoder: nn.Module,
+        encoder: TransformerEncoder | None = None,
+        hidden_dim: int = 256,
+        mask_dim: int = 256,
+        levels_total: int = 3,
+    ) -> None:
+        super().__init__()
+        if encoder is not None:
+            backbone = BackboneWithEncoder(body=backbone, encoder=encoder)
+        self.backbone = backbone
+        in_channels = backbone.out_channels["res5"]
+        # As the authors' (Mask2Former's) head: the memory projection is the identity when the
+        # stride-32 map already has the decoder's width (HCFormer+), the mask projection is not.
+        if in_channels != hidden_dim:
+            self.input_proj: nn.Module = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+            _c2_xavier_fill(self.input_proj)
+        else:
+            self.input_proj = nn.Identity()
+        self.mask_proj = nn.Conv2d(in_channels, mask_dim, kernel_size=1)
+        _c2_xavier_fill(self.mask_proj)
+        self.pe_layer = PositionEmbeddingSine(num_pos_feats=hidden_dim // 2, normalize=True)
+        self.decoder = decoder
+        self.levels_total = levels_total
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """``images`` float [B, 3, H, W] RGB in 0..255, H and W multiples of 32.
+
+        Returns the dict of docs/interfaces.md: ``pred_logits`` [B, Q, K+1], ``pred_masks``
+        [B, Q, H/4, W/4], ``aux_outputs`` (training: the earlier prediction sets, decoded the
+        same way; eval: ``[]``), ``assignments`` (fine to coarse) and ``cluster_scales``.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {list(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of {SIZE_DIVISIBILITY}: "
+                "pad the batch to a multiple of 32 first (the data pipeline's job)"
+            )
+        x = (images - self.pixel_mean) / self.pixel_std
+        out = self.backbone(x)
+        res5 = out.features["res5"]
+        src = self.input_proj(res5)
+        mask_features = self.mask_proj(res5)
+        logits, masks = self.decoder(src, self.pe_layer(src), mask_features)  # [S, B, Q, ...]
+
+        assignments = list(out.assignments)
+        if self.training:
+            # All prediction sets in one call ([B, S, Q, h, w]): the neighbour weights of each
+            # level are computed once for the whole stack.
+            decoded = decode_masks(
+                masks.transpose(0, 1), assignments, levels_total=self.levels_total
+            ).unbind(1)
+            aux = [
+                {"pred_logits": logits[i], "pred_masks": decoded[i]}
+                for i in range(len(decoded) - 1)
+            ]
+            final = decoded[-1]
+        else:
+            final = decode_masks(masks[-1], assignments, levels_total=self.levels_total)
+            aux = []
+        return {
+            "pred_logits": logits[-1],
+            "pred_masks": final,
+            "aux_outputs": aux,
+            "assignments": assignments,
+            "cluster_scales": list(out.cluster_scales),
+        }
+
+
+def _c2_xavier_fill(conv: nn.Conv2d) -> None:
+    """Caffe2's XavierFill as detectron2 uses it: kaiming-uniform with a=1, zero bias."""
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    nn.init.zeros_(conv.bias)

@@ -1,0 +1,179 @@
+"""MaskFormer (Cheng et al. 2021), the baseline HCFormer is built from (Sec. 3, Fig. 4, Tables 1, III).
+
+MaskFormer upsamples first and clusters afterwards: an FPN pixel decoder turns res2..res5 into
+stride-4 mask features, and a DETR transformer decoder on the stride-32 features (MaskFormer's
+``TRANSFORMER_IN_FEATURE``) predicts, per query, class logits and a mask embedding whose dot
+product with the stride-4 mask features is the mask (eq. 4 at stride 4). HCFormer removes the
+pixel decoder and decodes stride-32 masks through the backbone's clustering hierarchy instead.
+
+As MaskFormer's code: the decoder is the standard DETR one (6 layers, 100 queries, dropout 0.1,
+predictions after every layer for deep supervision); its memory is res5 through a 1x1
+``input_proj``, or, for the "R50 + 6 Enc" COCO panoptic models, the output of the pixel
+decoder's transformer encoder (already 256 wide: ``input_proj`` is the identity). No clustering
+modules (``hierarchy_level: 0``): ``assignments`` and ``cluster_scales`` are empty.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hcformer.config import ModelConfig
+from hcformer.errors import ConfigError
+from hcformer.models.hcformer import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY
+from hcformer.models.pixel_decoder import FPNPixelDecoder, PixelDecoderEncoder, c2_xavier_fill
+from hcformer.models.position_encoding import PositionEmbeddingSine
+from hcformer.models.transformer_decoder import StandardDecoder
+
+
+def normalise_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Check ``images`` [B, 3, H, W] (0..255 RGB, H and W multiples of 32) and normalise them."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [B, 3, H, W], got {list(images.shape)}")
+    h, w = images.shape[-2:]
+    if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
+        raise ValueError(
+            f"image size {h}x{w} is not a multiple of {SIZE_DIVISIBILITY}: "
+            "pad the batch to a multiple of 32 first (the data pipeline's job)"
+        )
+    return (images - mean) / std
+
+
+class MaskFormer(nn.Module):
+    """The MaskFormer mask-classification model.
+
+    Arguments:
+      backbone: a backbone without clustering modules (``build_backbone`` with
+        ``hierarchy_level: 0``); ``out_channels`` names the widths of res2..res5.
+      pixel_decoder: the :class:`FPNPixelDecoder` (with or without its transformer encoder).
+      decoder: the standard DETR decoder (:class:`StandardDecoder`); it maps (memory, position,
+        stride-4 mask features) to stacked class logits and mask logits of every layer.
+      hidden_dim: width of the decoder's memory (256).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        pixel_decoder: FPNPixelDecoder,
+        decoder: nn.Module,
+        hidden_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        encoder = pixel_decoder.encoder
+        in_channels = encoder.out_channels if encoder is not None else backbone.out_channels["res5"]
+        if in_channels != hidden_dim:
+            self.input_proj: nn.Module = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+            c2_xavier_fill(self.input_proj)
+        else:
+            self.input_proj = nn.Identity()
+        self.pe_layer = PositionEmbeddingSine(num_pos_feats=hidden_dim // 2, normalize=True)
+        self.decoder = decoder
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """``images`` float [B, 3, H, W] RGB in 0..255, H and W multiples of 32.
+
+        Returns the dict of docs/interfaces.md: ``pred_logits`` [B, Q, K+1], ``pred_masks``
+        [B, Q, H/4, W/4], ``aux_outputs`` (training: the earlier layers' predictions; eval:
+        ``[]``), ``assignments`` and ``cluster_scales`` (both empty: no clustering modules).
+        """
+        out = self.backbone(normalise_images(images, self.pixel_mean, self.pixel_std))
+        mask_features, memory = self.pixel_decoder(out.features)
+        src = self.input_proj(memory if memory is not None else out.features["res5"])
+        logits, masks = self.decoder(src, self.pe_layer(src), mask_features)  # [S, B, Q, ...]
+        aux = []
+        if self.training:
+            aux = [
+                {"pred_logits": logits[i], "pred_masks": masks[i]} for i in range(len(masks) - 1)
+            ]
+        return {
+            "pred_logits": logits[-1],
+            "pred_masks": masks[-1],
+            "aux_outputs": aux,
+            "assignments": list(out.assignments),
+            "cluster_scales": list(out.cluster_scales),
+        }
+
+
+def build_maskformer(cfg: ModelConfig) -> MaskFormer:
+    """MaskFormer from the typed config (``model.head.type: maskformer``).
+
+    ``head.encoder_layers`` is the number of transformer encoder layers in the pixel decoder
+    (6 for MaskFormer's "R50 + 6 Enc" COCO panoptic models, 0 for its Swin models);
+    ``head.decoder_layers`` (6), ``head.queries`` (100), ``head.decoder_dropout`` (0.1 in
+    MaskFormer), ``head.pixel_decoder_dim`` (256) and ``head.mask_dim`` (256) as named.
+    """
+    head, bb = cfg.head, cfg.backbone
+    if bb.hierarchy_level != 0:
+        raise ConfigError(
+            f"model.backbone.hierarchy_level: {bb.hierarchy_level} is not valid for "
+            "model.head.type 'maskformer' (MaskFormer has no clustering modules: use 0)"
+        )
+    if bb.output_stride != 32:
+        raise ConfigError(
+            f"model.backbone.output_stride: {bb.output_stride} is not valid for model.head.type "
+            "'maskformer' (its decoder reads the stride-32 features: use 32)"
+        )
+    if head.decoder != "standard":
+        raise ConfigError(
+            f"model.head.decoder: {head.decoder!r} is not valid for model.head.type 'maskformer' "
+            "(MaskFormer uses the standard DETR decoder: use 'standard')"
+        )
+    checks = [
+        (head.queries >= 1, "model.head.queries", head.queries, ">= 1"),
+        (head.decoder_layers >= 1, "model.head.decoder_layers", head.decoder_layers, ">= 1"),
+        (head.encoder_layers >= 0, "model.head.encoder_layers", head.encoder_layers, ">= 0"),
+        (
+            head.pixel_decoder_dim >= 1,
+            "model.head.pixel_decoder_dim",
+            head.pixel_decoder_dim,
+            ">= 1",
+        ),
+        (cfg.num_classes >= 1, "model.num_classes", cfg.num_classes, ">= 1"),
+        (
+            head.hidden_dim % head.nheads == 0,
+            "model.head.nheads",
+            head.nheads,
+            f"a divisor of model.head.hidden_dim ({head.hidden_dim})",
+        ),
+    ]
+    for ok, key, value, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is invalid; expected {expected}")
+    from hcformer.models.backbones import build_backbone
+
+    # MaskFormer's Swin LayerNorms every stage output its FPN reads (no-op for ResNets).
+    backbone = build_backbone(bb, norm_all_features=True)
+    encoder = None
+    if head.encoder_layers > 0:
+        encoder = PixelDecoderEncoder(
+            in_channels=backbone.out_channels["res5"],
+            d_model=head.pixel_decoder_dim,
+            num_layers=head.encoder_layers,
+            nheads=head.nheads,
+            dim_feedforward=head.dim_feedforward,
+            dropout=head.encoder_dropout,
+        )
+    pixel_decoder = FPNPixelDecoder(
+        in_channels=dict(backbone.out_channels),
+        conv_dim=head.pixel_decoder_dim,
+        mask_dim=head.mask_dim,
+        encoder=encoder,
+    )
+    decoder = StandardDecoder(
+        hidden_dim=head.hidden_dim,
+        num_classes=cfg.num_classes,
+        num_queries=head.queries,
+        num_layers=head.decoder_layers,
+        nheads=head.nheads,
+        dim_feedforward=head.dim_feedforward,
+        dropout=head.decoder_dropout,
+        mask_dim=head.mask_dim,
+    )
+    return MaskFormer(
+        backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder, hidden_dim=head.hidden_dim
+    )

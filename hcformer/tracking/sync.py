@@ -1,0 +1,154 @@
+"""``hcformer sync-mlflow --results DIR [--uri U]``: fill MLflow in from the run folders.
+
+The run folders are the source of truth (DESIGN.md step 6). For every run folder under DIR
+(a folder with ``config.yaml``):
+
+- with ``metrics.json`` and no MLflow run yet (matched by the ``run_dir`` tag): a FINISHED run
+  with params, tags, the training log as per-step metrics, the final metrics and artefacts;
+- with ``metrics.json`` and an MLflow run that is not FINISHED (live logging was cut off): the
+  final metrics and artefacts are added and the run is marked FINISHED;
+- without metrics but marked failed (``job.json`` state ``failed``, or an ``error.txt`` /
+  ``FAILED`` file): a FAILED run;
+- anything else (pending or running) is left alone.
+
+Idempotent: a second sync changes nothing. Without ``--uri`` each folder goes to its scale's
+default store (``<results>/<scale>/mlflow.db``) unless ``MLFLOW_TRACKING_URI`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hcformer.errors import HCFormerError
+from hcformer.tracking import store
+from hcformer.tracking.tracker import RUN_INFO, RunTracker
+
+ERROR_MARKERS = ("error.txt", "FAILED")
+
+
+def run_folders(results: Path) -> Iterator[Path]:
+    """Every folder under ``results`` that holds a ``config.yaml`` (sorted)."""
+    for config in sorted(results.rglob("config.yaml")):
+        if "checkpoints" not in config.parts:
+            yield config.parent
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a folder, or what its path says (``.../<scale>/runs/<exp_id>/seed<k>``)."""
+    info = _read_json(run_dir / RUN_INFO) or {}
+    parts = run_dir.resolve().parts
+    if "runs" in parts:
+        i = len(parts) - 1 - parts[::-1].index("runs")
+        info.setdefault("scale", parts[i - 1] if i > 0 else "unknown")
+        info.setdefault("exp_id", "/".join(parts[i + 1 : -1]))
+    name = run_dir.name
+    info.setdefault("seed", int(name[4:]) if name.startswith("seed") and name[4:].isdigit() else 0)
+    info.setdefault("scale", "unknown")
+    info.setdefault("exp_id", name)
+    return info
+
+
+def failed(run_dir: Path) -> bool:
+    job = _read_json(run_dir / "job.json") or {}
+    return job.get("state") == "failed" or any((run_dir / m).exists() for m in ERROR_MARKERS)
+
+
+def train_log(run_dir: Path) -> Iterator[tuple[int, dict[str, float]]]:
+    path = run_dir / "train_log.jsonl"
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = int(entry.pop("iteration", 0))
+        yield step, {k: v for k, v in entry.items() if isinstance(v, (int, float))}
+
+
+def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def sync_folder(run_dir: Path, uri: str) -> str:
+    """Bring one folder's MLflow run up to date: ``created``, ``completed``, ``failed``,
+    ``present`` (nothing to do) or ``skipped`` (not finished, not failed)."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    info = run_info(run_dir)
+    metrics = _read_json(run_dir / "metrics.json")
+    is_failed = metrics is None and failed(run_dir)
+    if metrics is None and not is_failed:
+        return "skipped"
+    tracker = RunTracker(uri)
+    dataset = str(config.get("data", {}).get("dataset", "unknown"))
+    existing = tracker.find_run(run_dir, str(info["scale"]), dataset)
+    if (
+        existing is not None
+        and existing.info.status in ("FINISHED", "FAILED")
+        and (existing.info.status == "FINISHED" or is_failed)
+    ):
+        return "present"
+    outcome = "completed" if existing is not None else "created"
+    tracker.run_id = tracker._start(run_dir, config, info)
+    if existing is None:
+        for step, values in train_log(run_dir):
+            tracker.log_metrics(values, step)
+    if is_failed:
+        tracker.end("FAILED")
+        return "failed"
+    tracker.log_metrics(final_metrics(metrics), int(metrics.get("iterations", 0) or 0))
+    tracker.log_artifacts([run_dir / "config.yaml", run_dir / "metrics.json"])
+    tracker.end("FINISHED")
+    if not tracker.enabled:
+        raise HCFormerError(f"{run_dir}: could not write to the MLflow store {uri}")
+    return outcome
+
+
+def sync(results: Path, uri: str = "") -> dict[str, int]:
+    """Sync every run folder under ``results``; counts per outcome."""
+    counts: dict[str, int] = {}
+    ensured: set[str] = set()
+    for run_dir in run_folders(results):
+        info = run_info(run_dir)
+        target = uri or store.resolve_uri("", store.results_root(run_dir, str(info["scale"])))
+        if target not in ensured:
+            store.ensure_store(target)
+            ensured.add(target)
+        outcome = sync_folder(run_dir, target)
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hcformer sync-mlflow", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--results", required=True, help="a results tree (or one run folder)")
+    parser.add_argument("--uri", default="", help="tracking URI (default: each scale's mlflow.db)")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    if not results.is_dir():
+        raise HCFormerError(f"--results {results}: no such folder")
+    counts = sync(results, args.uri)
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no run folders"
+    print(f"hcformer sync-mlflow: {summary}", file=sys.stderr)
+    return 0

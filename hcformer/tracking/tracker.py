@@ -1,0 +1,192 @@
+"""One MLflow run per run folder (DESIGN.md step 6).
+
+- experiment ``hcformer/<scale>/<dataset>``; run name ``<exp_id>/seed<k>``;
+- params: the flattened resolved config (nothing from the environment, no credentials);
+- tags: ``exp_id``, ``seed``, ``scale``, ``git_commit``, ``run_dir`` (how a run folder finds its
+  MLflow run again), and ``table.<table_id>`` = row label for every paper-table row it feeds;
+- metrics: the training losses and learning rate per logged iteration, the final metrics;
+- artefacts: ``config.yaml`` and ``metrics.json``.
+
+A store that cannot be reached never stops a run: the first failure prints one warning and the
+tracker turns itself off (the run folder stays the source of truth; ``hcformer sync-mlflow``
+fills MLflow in later).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hcformer.config import flatten
+from hcformer.tracking import store
+
+RUN_INFO = "run.json"
+
+
+def experiment_name(scale: str, dataset: str) -> str:
+    return f"hcformer/{scale}/{dataset}"
+
+
+def run_name(exp_id: str, seed: int) -> str:
+    return f"{exp_id}/seed{seed}"
+
+
+def run_tags(info: dict[str, Any], run_dir: Path) -> dict[str, str]:
+    """The tags of a run from its ``run.json`` (see :func:`hcformer.engine.runinfo`)."""
+    tags = {
+        "exp_id": str(info.get("exp_id", "")),
+        "seed": str(info.get("seed", "")),
+        "scale": str(info.get("scale", "")),
+        "git_commit": str(info.get("git_commit", "unknown")),
+        "run_dir": str(Path(run_dir).resolve()),
+    }
+    for table_id, label in (info.get("tables") or {}).items():
+        tags[f"table.{table_id}"] = str(label)
+    return tags
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]
+
+
+class RunTracker:
+    """Mirror of one run folder in MLflow, tolerant of an unreachable store.
+
+    Arguments:
+      uri: the tracking URI (see :func:`hcformer.tracking.store.resolve_uri`).
+      enabled: False makes every call a no-op.
+    """
+
+    def __init__(self, uri: str, *, enabled: bool = True) -> None:
+        self.uri = uri
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._client = None
+
+    # -- failure handling ------------------------------------------------------------------
+    def _fail(self, what: str, exc: BaseException) -> None:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"hcformer: warning: MLflow store {self.uri} unavailable while {what} "
+            f"({type(exc).__name__}: {first[:200]}); the run goes on, its folder keeps "
+            "everything and `hcformer sync-mlflow` can fill MLflow in later",
+            file=sys.stderr,
+        )
+        self.enabled = False
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = store.client(self.uri)
+        return self._client
+
+    # -- runs -----------------------------------------------------------------------------
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(
+                name, artifact_location=store.artifact_location(self.uri, name)
+            )
+        except Exception:  # created by a concurrent process in the meantime
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def find_run(self, run_dir: Path, scale: str, dataset: str):
+        """The MLflow run whose ``run_dir`` tag names this folder, or None."""
+        exp = self.client.get_experiment_by_name(experiment_name(scale, dataset))
+        if exp is None:
+            return None
+        path = str(Path(run_dir).resolve()).replace("'", "\\'")
+        runs = self.client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.run_dir = '{path}'", max_results=1
+        )
+        return runs[0] if runs else None
+
+    def start(self, run_dir: Path, config: dict[str, Any], info: dict[str, Any]) -> str | None:
+        """Attach to this folder's MLflow run, creating it (params and tags) when absent."""
+        if not self.enabled:
+            return None
+        try:
+            self.run_id = self._start(Path(run_dir), config, info)
+        except Exception as exc:
+            self._fail("starting the run", exc)
+        return self.run_id
+
+    def _start(self, run_dir: Path, config: dict[str, Any], info: dict[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        scale, dataset = str(info["scale"]), str(config["data"]["dataset"])
+        found = self.find_run(run_dir, scale, dataset)
+        if found is not None:
+            if found.info.status != "RUNNING":
+                self.client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
+        exp_id = self._experiment_id(experiment_name(scale, dataset))
+        tags = run_tags(info, run_dir)
+        run = self.client.create_run(
+            exp_id, tags=tags, run_name=run_name(str(info["exp_id"]), int(info["seed"]))
+        )
+        params = [Param(k, _param_value(v)) for k, v in sorted(flatten(config).items())]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        return run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        try:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [
+                Metric(k, float(v), now, step)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ]
+            for i in range(0, len(batch), 1000):
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        except Exception as exc:
+            self._fail("logging metrics", exc)
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        try:
+            for path in paths:
+                if Path(path).is_file():
+                    self.client.log_artifact(self.run_id, str(path))
+        except Exception as exc:
+            self._fail("logging artefacts", exc)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            self._fail("ending the run", exc)
+
+
+def open_tracker(run_dir: Path, config: dict[str, Any], info: dict[str, Any]) -> RunTracker:
+    """A started tracker for a run folder, with the store the config or environment names
+    (created first when it is the default SQLite store)."""
+    tracking = config.get("tracking", {})
+    root = store.results_root(run_dir, str(info.get("scale", "")))
+    uri = store.resolve_uri(str(tracking.get("uri", "")), root)
+    tracker = RunTracker(uri, enabled=bool(tracking.get("enabled", True)))
+    if tracker.enabled:
+        try:
+            store.ensure_store(uri)
+        except Exception as exc:
+            tracker._fail("creating the store", exc)
+    tracker.start(run_dir, config, info)
+    return tracker

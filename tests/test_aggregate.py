@@ -1,0 +1,213 @@
+"""``hcformer aggregate``: run folders -> medians per table cell, runs.csv, provenance, MLflow ids.
+
+Stand-in run folders (hand-written metrics.json, run.json) under a temporary results root; the
+expected numbers are computed here independently (numpy) from the values written, and the
+paper's values are read from experiments/paper_values.yaml directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hcformer import cli
+from hcformer.analysis.aggregate import read_cells, table_cells
+from hcformer.experiments import load_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def paper_values(table_id: str) -> dict[str, dict]:
+    data = yaml.safe_load((ROOT / "experiments" / "paper_values.yaml").read_text())
+    return {row["label"]: row for row in data["tables"][table_id]["rows"]}
+
+
+def write_run(results: Path, exp: str, seed: int, metrics: dict | None, **info) -> Path:
+    run = results / "runs" / exp / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": exp.split("/")[0]}}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {"exp_id": exp, "seed": seed, "scale": "smoke", "git_commit": f"c{seed}" * 5, **info}
+        )
+    )
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def fill_table(results: Path, table_id: str, value, skip=(), seeds=(0, 1, 2)) -> dict:
+    """Write runs for every experiment of a table; ``value(exp, seed)`` gives the metrics."""
+    table = load_table(table_id)
+    written = {}
+    for row in table.rows:
+        for run in row.runs:
+            if run.experiment_id in skip:
+                continue
+            for seed in seeds:
+                metrics = value(run.experiment_id, seed)
+                write_run(results, run.experiment_id, seed, metrics)
+                written[(run.experiment_id, seed)] = metrics
+    return written
+
+
+def aggregate(results: Path, table: str, *extra) -> list[dict]:
+    out = results / "aggregate" / f"{table}.csv"
+    code = cli.main(
+        [
+            "aggregate",
+            "--results",
+            str(results),
+            "--scale",
+            "smoke",
+            "--table",
+            table,
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+    assert code == 0
+    return read_cells(out)
+
+
+def test_medians_min_max_n_and_paper_values(tmp_path):
+    results = tmp_path / "smoke"
+    rng = np.random.default_rng(0)
+    written = fill_table(
+        results, "table5", lambda e, s: {"pq": float(rng.uniform(10, 60)), "pq_th": 1.0}
+    )
+    profile = tmp_path / "profile.json"
+    profile.write_text(
+        json.dumps({"rows": [{"label": "HCFormer R50 L3", "params_m": 1.25, "gflops": 0.5}]})
+    )
+    cells = aggregate(results, "table5", "--profile", str(profile))
+    paper = paper_values("table5")
+    table = load_table("table5")
+    assert [c["row"] for c in cells if c["column"] == "pq"] == [r.label for r in table.rows]
+    for cell in cells:
+        row = table.row(cell["row"])
+        assert cell["paper"] == paper[cell["row"]][cell["column"]]
+        if cell["column"] == "pq":
+            values = [written[(row.runs[0].experiment_id, s)]["pq"] for s in (0, 1, 2)]
+            assert cell["ours"] == pytest.approx(float(np.median(values)))
+            assert (cell["min"], cell["max"], cell["n"]) == (min(values), max(values), 3)
+            assert cell["diff"] == pytest.approx(cell["ours"] - cell["paper"])
+            assert cell["status"] == "ok"
+            assert [r["seed"] for r in cell["runs"]] == [0, 1, 2]
+            assert [r["value"] for r in cell["runs"]] == values
+            assert {r["git_commit"] for r in cell["runs"]} == {
+                "c0c0c0c0c0",
+                "c1c1c1c1c1",
+                "c2c2c2c2c2",
+            }
+        elif cell["column"] == "hierarchy_level":
+            assert cell["kind"] == "setting" and cell["ours"] is None
+    gflops = {c["row"]: c for c in cells if c["column"] == "gflops"}
+    assert gflops["HCFormer R50 L3"]["ours"] == 0.5 and gflops["HCFormer R50 L3"]["status"] == "ok"
+    assert gflops["HCFormer R50 L0"]["status"] == "missing"  # not in the profile: marked
+
+
+def test_missing_partial_failed_runs_are_marked_never_dropped(tmp_path):
+    results = tmp_path / "smoke"
+    table = load_table("table6")
+    ids = [row.runs[0].experiment_id for row in table.rows]
+    for seed in (0, 1):
+        write_run(results, ids[0], seed, {"pq": 10.0 + seed})  # seed 2 missing: partial
+    for seed in (0, 1, 2):
+        run = write_run(results, ids[1], seed, None)
+        (run / "job.json").write_text(json.dumps({"state": "failed"}))
+    cells = {c["row"]: c for c in aggregate(results, "table6") if c["column"] == "pq"}
+    assert len(cells) == len(table.rows)
+    first, second, third = (cells[r.label] for r in table.rows[:3])
+    assert first["status"] == "partial" and first["ours"] == 10.5 and first["n"] == 2
+    assert [r["status"] for r in first["runs"]] == ["done", "done", "missing"]
+    assert second["status"] == "failed" and second["ours"] is None
+    assert third["status"] == "missing" and third["n_expected"] == 3
+
+
+def test_quoted_rows_and_table_iv_columns_from_three_datasets(tmp_path):
+    results = tmp_path / "smoke"
+    per_dataset = {
+        "coco_panoptic": {"pq": 30.0},
+        "ade20k": {"miou": 40.0},
+        "cityscapes": {"miou": 50.0},
+    }
+    fill_table(
+        results, "tableIV", lambda e, s: {k: v + s for k, v in per_dataset[e.split("/")[0]].items()}
+    )
+    cells = aggregate(results, "tableIV")
+    q20 = {c["column"]: c for c in cells if c["row"] == "HCFormer R50 Q20"}
+    assert q20["coco_pq"]["ours"] == 31.0 and q20["ade20k_miou"]["ours"] == 41.0
+    assert q20["cityscapes_miou"]["ours"] == 51.0
+    assert q20["coco_pq"]["runs"][0]["experiment"].startswith("coco_panoptic/")
+    assert q20["cityscapes_miou"]["runs"][0]["experiment"].startswith("cityscapes/")
+
+    fill_table(results, "table1", lambda e, s: {"pq": 20.0, "pq_th": 21.0})
+    cells = aggregate(results, "table1")
+    quoted = {c["row"]: c for c in cells if c["column"] == "pq" and c["quoted"]}
+    assert "Mask2Former R50" in quoted and quoted["Mask2Former R50"]["status"] == "quoted"
+    assert quoted["Mask2Former R50"]["paper"] == 51.9 and quoted["Mask2Former R50"]["ours"] is None
+    assert "Cheng" in quoted["Mask2Former R50"]["source"]
+    ours = {c["row"]: c for c in cells if c["column"] == "pq_st" and not c["quoted"]}
+    assert ours["HCFormer R50"]["status"] == "no_metric"  # finished runs that do not report it
+
+
+def test_runs_csv_lists_every_expected_run(tmp_path):
+    results = tmp_path / "smoke"
+    write_run(results, "ade20k/hcformer-r50-L3-D8-Q100", 1, {"miou": 12.5, "pixel_acc": 50.0})
+    runs_csv, summary_csv = tmp_path / "runs.csv", tmp_path / "summary.csv"
+    argv = ["aggregate", "--results", str(results), "--scale", "smoke", "--runs-csv", str(runs_csv)]
+    assert cli.main([*argv, "--summary-csv", str(summary_csv)]) == 0
+    from hcformer.experiments import all_experiments
+
+    lines = list(csv.DictReader(runs_csv.open()))
+    assert len(lines) == 3 * len(all_experiments("smoke"))
+    done = [x for x in lines if x["status"] == "done"]
+    assert len(done) == 1 and float(done[0]["miou"]) == 12.5 and done[0]["seed"] == "1"
+    assert "table3: HCFormer R50" in done[0]["tables"]
+    summary = [x for x in csv.DictReader(summary_csv.open()) if x["metric"] == "miou"]
+    assert summary[0]["n"] == "1" and float(summary[0]["median"]) == 12.5
+
+
+def test_mlflow_run_ids_in_provenance(tmp_path):
+    """The MLflow run of each folder (its run_dir tag) is named in the cell's provenance."""
+    from hcformer.tracking.store import client, ensure_store
+
+    results = tmp_path / "smoke"
+    table = load_table("table5")
+    exp = table.rows[0].runs[0].experiment_id
+    runs = [write_run(results, exp, s, {"pq": float(s)}) for s in (0, 1, 2)]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_store(uri)
+    mlflow = client(uri)
+    exp_id = mlflow.create_experiment("hcformer/smoke/coco_panoptic")
+    made = {}
+    for run in runs[:2]:
+        created = mlflow.create_run(exp_id, tags={"run_dir": str(run.resolve())})
+        made[run.name] = created.info.run_id
+    cells = aggregate(results, "table5", "--mlflow-uri", uri)
+    cell = next(c for c in cells if c["row"] == table.rows[0].label and c["column"] == "pq")
+    ids = {r["seed"]: r["mlflow_run_id"] for r in cell["runs"]}
+    assert ids == {0: made["seed0"], 1: made["seed1"], 2: None}
+
+
+def test_unknown_table_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(
+        ["aggregate", "--results", str(tmp_path), "--scale", "smoke", "--table", "table99"]
+    )
+    assert code == 2
+    assert "unknown table 'table99'" in capsys.readouterr().err
+
+
+def test_cells_function_marks_skipped_parts_not_built(tmp_path):
+    table = load_table("tableI_b")
+    cells = table_cells(
+        table, {}, [0, 1, 2], {}, skipped={r.runs[0].experiment_id for r in table.rows}
+    )
+    assert {c["status"] for c in cells if c["kind"] == "metric"} == {"not_built"}

@@ -1,0 +1,154 @@
+"""``hcformer budget`` (issue #9, item 3): GPU-hours from the paper's schedules and the figures.
+
+Expected numbers are computed here by hand from the paper's schedules (App. D: 368,750 COCO
+iterations at batch 16 on 1024x1024 crops, 160k ADE20K iterations on 512x512 crops; MaskFormer's
+published schedule at batch 64) and the figures file, not read back from the module.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hcformer import cli
+from hcformer.analysis import budget
+from hcformer.experiments import experiments_dir, load_table
+
+FIGURES = yaml.safe_load((experiments_dir() / "gpu_seconds_per_iter.yaml").read_text())
+R50 = FIGURES["figures"]["resnet50"]["gpu_seconds_per_iter"]
+FIXED = FIGURES["fixed_fraction"]
+
+
+def _budget(tmp_path, *argv: str) -> tuple[dict, str]:
+    out = tmp_path / "budget.json"
+    code = cli.main(["budget", *argv, "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text()), ""
+
+
+def test_figures_file_is_estimates_with_sources():
+    assert FIGURES["measured"] is False and "no GPU" in FIGURES["device"]
+    for family, figure in FIGURES["figures"].items():
+        assert figure["source"], family
+        assert figure["gpu_seconds_per_iter"] > 0 and figure["batch_size"] == 16
+    # The anchor: Mask2Former R50, 3 days on 8 V100 for 368,750 iterations; HCFormer R50 at the
+    # paper's GFLOPs ratio 87/226 (Table 1).
+    anchor = 8 * 3 * 86400 / 368750
+    assert pytest.approx(anchor * 87 / 226, abs=0.01) == R50
+    # The fixed share makes the anchor predict Mask2Former Swin-T on ADE20K (16 h, 8 V100, 160k).
+    assert anchor * (FIXED + (1 - FIXED) / 4) == pytest.approx(16 * 3600 * 8 / 160000, rel=0.02)
+
+
+def test_table5_gpu_hours_by_hand(tmp_path, capsys):
+    report, _ = _budget(tmp_path, "--table", "table5")
+    per_run = 368750 * R50 / 3600  # every table-5 row is an R50 COCO model at batch 16, 1024^2
+    assert len(report["experiments"]) == 4
+    for line in report["experiments"]:
+        assert line["iterations"] == 368750 and line["batch_size"] == 16
+        assert line["gpu_hours"] == pytest.approx(per_run)
+        assert line["wall_hours"] == pytest.approx(per_run / line["gpus"])
+        assert line["gpu_hours_all_seeds"] == pytest.approx(3 * per_run)
+    assert report["total"]["gpu_hours"] == pytest.approx(4 * 3 * per_run)
+    assert report["measured"] is False and report["note"].startswith("ESTIMATES")
+    text = capsys.readouterr().out
+    assert "estimate" in text and "ESTIMATES" in text and "2.16 at batch 16, 1024x1024" in text
+
+
+def test_all_tables_total_counts_shared_experiments_once(tmp_path, capsys):
+    report, _ = _budget(tmp_path, "--table", "all")
+    by_id = {line["experiment"]: line for line in report["experiments"]}
+    assert report["total"]["gpu_hours"] == pytest.approx(
+        sum(line["gpu_hours_all_seeds"] for line in by_id.values())
+    )
+    assert report["total"]["runs"] == 3 * len(by_id)
+    # Shared experiments make the tables' sum larger than the campaign.
+    assert sum(t["gpu_hours"] for t in report["tables"]) > report["total"]["gpu_hours"]
+    # A crop of a quarter of the pixels (ADE20K 512^2) costs the fixed share plus a quarter.
+    ade = by_id["ade20k/hcformer-r50-L3-D8-Q100"]
+    assert ade["crop"] == [512, 512] and ade["iterations"] == 160000
+    assert ade["gpu_hours"] == pytest.approx(160000 * R50 * (FIXED + (1 - FIXED) / 4) / 3600)
+    # MaskFormer's published schedule: batch 64, so four times the figure of batch 16.
+    (maskformer,) = [line for line in by_id.values() if line["family"] == "resnet50/maskformer"]
+    figure = FIGURES["figures"]["resnet50/maskformer"]["gpu_seconds_per_iter"]
+    assert maskformer["batch_size"] == 64
+    assert maskformer["gpu_seconds_per_iter"] == pytest.approx(figure * 4)
+    text = capsys.readouterr().out
+    assert "campaign" in text and f"{report['total']['gpu_hours']:,.0f}" in text
+
+
+def test_a_measured_benchmark_replaces_the_estimate(tmp_path):
+    bench = tmp_path / "r50.json"
+    bench.write_text(
+        json.dumps(
+            {
+                "experiment": "coco_panoptic/hcformer-r50-L3-D8-Q100",
+                "seconds_per_iteration": 0.5,
+                "gpus": 2,
+                "device": "NVIDIA H200",
+            }
+        )  # fmt: skip
+    )
+    report, _ = _budget(tmp_path, "--table", "table5", "--gpu-seconds-per-iter", str(bench))
+    (figure,) = report["figures"].values()
+    assert figure["measured"] and figure["device"] == "NVIDIA H200"
+    assert figure["gpu_seconds_per_iter"] == 1.0  # 0.5 s on 2 GPUs
+    assert report["measured"] is True and report["note"] == "all figures measured"
+    assert report["total"]["gpu_hours"] == pytest.approx(4 * 3 * 368750 * 1.0 / 3600)
+    # Only the measured family changes: Swin-L of table 1 stays an estimate.
+    report, _ = _budget(tmp_path, "--table", "table1", "--gpu-seconds-per-iter", str(bench))
+    assert report["figures"]["resnet50"]["measured"] and not report["figures"]["swin_l"]["measured"]
+    assert report["measured"] is False
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("figures: {resnet50: {gpu_seconds_per_iter: -1, batch_size: 16, crop: [8, 8]}}",
+         "figures.resnet50.gpu_seconds_per_iter: expected a positive number, got -1"),
+        ("figures: {resnet50: {gpu_seconds_per_iter: 1, batch_size: 16}}",
+         "figures.resnet50: missing key 'crop'"),
+        ("figures: {resnet50: {gpu_secs: 1, batch_size: 16, crop: [8, 8]}}",
+         "unknown keys ['gpu_secs']"),
+        ("just: words", "neither a figures file"),
+    ],
+)  # fmt: skip
+def test_bad_figures_files_fail_with_one_clear_line(tmp_path, content, message):
+    path = tmp_path / "figures.yaml"
+    path.write_text(content)
+    out = subprocess.run(
+        [sys.executable, "-m", "hcformer.cli", "budget", "--gpu-seconds-per-iter", str(path),
+         "--out", str(tmp_path / "b.json")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and message in out.stderr and str(path) in out.stderr
+
+
+def test_a_family_without_a_figure_is_named(tmp_path):
+    path = tmp_path / "only_r50.yaml"
+    path.write_text("figures: {resnet50: {gpu_seconds_per_iter: 1, batch_size: 16, crop: [8, 8]}}")
+    figures, _ = budget.load_figures(path)
+    exp = load_table("table1")
+    from hcformer.experiments import all_experiments
+
+    swin_l = next(
+        all_experiments("paper")[i] for row in exp.rows for i in row.experiment_ids if "swinl" in i
+    )
+    with pytest.raises(budget.ConfigError, match="swin_l/hcformer or swin_l"):
+        budget.figure_for(swin_l.config, figures)
+
+
+def test_budget_imports_no_torch(tmp_path):
+    code = (
+        "import sys\nfrom hcformer.cli import main\n"
+        f"main(['budget', '--out', {str(tmp_path / 'b.json')!r}])\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert Path(tmp_path / "b.json").is_file()

@@ -1,0 +1,302 @@
+"""``hcformer run`` and its launchers (hcformer.launch), on a stand-in engine.
+
+The stand-in: ``write_fake_engine(dir)`` writes a package ``fakeengine`` (train, evaluate, signals) into
+``dir``. Its ``train`` counts iterations into ``checkpoints/last.pt`` (a text file), resumes from
+it, sleeps ``sleep=S`` seconds an iteration, stops at the next iteration boundary when asked
+(``signals.request_stop()`` or SIGTERM) and fails with ``fail=1``; ``evaluate`` writes
+``metrics.json``. Every start of train appends a line to ``starts.txt`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hcformer import cli
+from hcformer.launch.executors import SlurmOptions
+from hcformer.launch.job import RunJob, RunSpec
+from hcformer.launch.runfolder import RunLock, RunLockedError, read_job
+
+_TRAIN = """
+import argparse, json, os, signal, sys, threading, time
+from pathlib import Path
+from . import signals
+
+def main(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--experiment"); p.add_argument("--config"); p.add_argument("--scale")
+    p.add_argument("--seed", type=int); p.add_argument("--run-dir")
+    p.add_argument("--set", action="append", default=[])
+    a = p.parse_args(argv)
+    opts = dict(item.split("=", 1) for item in a.set)
+    run = Path(a.run_dir); (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    with open(run / "starts.txt", "a") as fh:
+        fh.write(f"{os.getpid()} {os.environ.get('SLURM_RESTART_COUNT', '-')}\\n")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: signals.request_stop())
+    if opts.get("fail") == "1":
+        print("fake-engine: boom, a clear failure", file=sys.stderr)
+        return 3
+    last = run / "checkpoints" / "last.pt"
+    it = int(last.read_text()) if last.exists() else 0
+    total = int(opts.get("iters", 3))
+    while it < total:
+        time.sleep(float(opts.get("sleep", 0)))
+        it += 1
+        tmp = last.with_suffix(".tmp"); tmp.write_text(str(it)); os.replace(tmp, last)
+        with open(run / "train_log.jsonl", "a") as fh:
+            fh.write(json.dumps({"iteration": it}) + "\\n")
+        if signals.stop_requested() and it < total:
+            return 143
+    return 0
+"""
+
+_EVALUATE = """
+import argparse, json, os
+from pathlib import Path
+
+def main(argv):
+    p = argparse.ArgumentParser(); p.add_argument("--run-dir"); a = p.parse_args(argv)
+    run = Path(a.run_dir)
+    it = int((run / "checkpoints" / "last.pt").read_text())
+    seed = int(run.name.removeprefix("seed"))
+    tmp = run / ".metrics.tmp"
+    tmp.write_text(json.dumps({"miou": 40.0 + seed, "pixel_acc": 80.0, "iterations": it}))
+    os.replace(tmp, run / "metrics.json")
+    return 0
+"""
+
+_SIGNALS = """
+import threading
+_STOP = threading.Event()
+
+def request_stop():
+    _STOP.set()
+
+def stop_requested():
+    return _STOP.is_set()
+"""
+
+
+def write_fake_engine(root: Path) -> str:
+    """Write the package into ``root``; returns its name (for ``hcformer run --engine``)."""
+    pkg = Path(root) / "fakeengine"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    for name, text in (("train", _TRAIN), ("evaluate", _EVALUATE), ("signals", _SIGNALS)):
+        (pkg / f"{name}.py").write_text(textwrap.dedent(text))
+    return "fakeengine"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def engine(tmp_path, monkeypatch):
+    """The stand-in engine, importable here and in the subprocesses the launchers start."""
+    where = tmp_path / "pkgs"
+    name = write_fake_engine(where)
+    monkeypatch.syspath_prepend(str(where))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")])
+    )
+    for mod in [m for m in sys.modules if m.startswith("fakeengine")]:
+        del sys.modules[mod]
+    yield name
+    for mod in [m for m in sys.modules if m.startswith("fakeengine")]:
+        del sys.modules[mod]
+
+
+def _run(engine, results, *extra):
+    argv = ["run", "--experiment", "ade20k/fake-exp", "--scale", "smoke", "--results", str(results)]
+    return cli.main([*argv, "--engine", engine, "--poll-s", "0.2", *extra])
+
+
+def _subprocess(engine, results, *extra, **kw):
+    cmd = [sys.executable, "-m", "hcformer.cli", "run", "--experiment", "ade20k/fake-exp"]
+    cmd += ["--scale", "smoke", "--results", str(results), "--engine", engine, "--poll-s", "0.2"]
+    return subprocess.Popen([*cmd, *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _run_dir(results, seed):
+    return Path(results) / "runs" / "ade20k" / "fake-exp" / f"seed{seed}"
+
+
+def test_inline_batches_seeds_in_one_process(engine, tmp_path):
+    results = tmp_path / "results"
+    assert _run(engine, results, "--seeds", "0", "1", "2", "--launcher", "inline") == 0
+    for seed in (0, 1, 2):
+        run = _run_dir(results, seed)
+        assert json.loads((run / "metrics.json").read_text())["miou"] == 40.0 + seed
+        job = read_job(run)
+        assert job["launcher"] == "inline" and job["state"] == "done"
+        assert job["pid"] == os.getpid() and job["attempt"] == 1
+        assert len(job["git_commit"]) in (40, 7) or job["git_commit"] == "unknown"
+        assert not (run / ".lock").exists()
+    # One process for all seeds: every train start has this pid.
+    pids = {
+        line.split()[0] for s in (0, 1, 2) for line in (_run_dir(results, s) / "starts.txt").open()
+    }
+    assert pids == {str(os.getpid())}
+
+
+def test_up_to_date_runs_are_not_run_again(engine, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert _run(engine, results, "--seed", "0") == 0
+    assert _run(engine, results, "--seed", "0") == 0
+    assert "up to date" in capsys.readouterr().err
+    assert len((_run_dir(results, 0) / "starts.txt").read_text().splitlines()) == 1
+
+
+def test_local_launcher_runs_a_job_and_records_it(engine, tmp_path):
+    results = tmp_path / "results"
+    assert _run(engine, results, "--seed", "1", "--launcher", "local") == 0
+    run = _run_dir(results, 1)
+    job = read_job(run)
+    assert job["launcher"] == "local" and job["state"] == "done"
+    assert job["host"] == socket.gethostname() and job["pid"] != os.getpid()
+    assert (run / "starts.txt").read_text().split()[0] != str(os.getpid())  # another process
+    assert Path(job["folder"]) == run / "jobs"
+    assert json.loads((run / "metrics.json").read_text())["iterations"] == 3
+
+
+def test_failed_job_fails_with_its_log_tail(engine, tmp_path, capsys):
+    results = tmp_path / "results"
+    code = _run(engine, results, "--seed", "0", "--launcher", "local", "--set", "fail=1")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "job" in err and "failed" in err
+    assert "fake-engine: boom, a clear failure" in err  # from the job's own log
+    assert read_job(_run_dir(results, 0))["state"] == "failed"
+    assert not (_run_dir(results, 0) / "metrics.json").exists()
+
+
+def test_failed_inline_run_is_one_line_exit_2(engine, tmp_path, capsys):
+    code = _run(engine, tmp_path / "r", "--seed", "0", "--set", "fail=1")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "hcformer train exited with status 3" in err.splitlines()[-1]
+
+
+def test_a_live_lock_stops_a_second_run(engine, tmp_path, capsys):
+    results = tmp_path / "results"
+    run = _run_dir(results, 0)
+    run.mkdir(parents=True)
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "token": "x", "job_id": "77"}
+        (run / ".lock").write_text(json.dumps(lock))
+        assert _run(engine, results, "--seed", "0") == 2
+        err = capsys.readouterr().err
+        assert f"locked by pid {holder.pid}" in err and "job 77" in err
+        assert not (run / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder is gone now: the lock is stale and taken over.
+    assert _run(engine, results, "--seed", "0") == 0
+    assert "took over a stale lock" in capsys.readouterr().err
+    assert (run / "metrics.json").exists() and not (run / ".lock").exists()
+
+
+def test_lock_is_exclusive_between_two_holders(tmp_path):
+    with RunLock(tmp_path / "run"), pytest.raises(RunLockedError, match="locked by pid"):
+        RunLock(tmp_path / "run").acquire()
+    with RunLock(tmp_path / "run") as again:
+        assert again.took_over is None
+
+
+def test_rerun_reattaches_to_the_live_job(engine, tmp_path):
+    """The waiting process dies; its job lives on; a rerun waits on that job, never resubmits."""
+    results = tmp_path / "results"
+    run = _run_dir(results, 0)
+    first = _subprocess(
+        engine,
+        results,
+        "--seed",
+        "0",
+        "--launcher",
+        "local",
+        "--set",
+        "sleep=0.5",
+        "--set",
+        "iters=8",
+    )
+    deadline = time.time() + 60
+    while not (run / "starts.txt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    job = read_job(run)
+    os.kill(first.pid, signal.SIGKILL)  # the waiter, not its job
+    first.wait()
+    second = _subprocess(engine, results, "--seed", "0", "--launcher", "local")
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert f"re-attached to job {job['job_id']}" in err
+    assert "took over a stale lock" in err
+    assert len((run / "starts.txt").read_text().splitlines()) == 1
+    assert json.loads((run / "metrics.json").read_text())["iterations"] == 8
+
+
+def test_checkpoint_asks_the_engine_to_save_then_resubmits(engine, tmp_path):
+    """submitit's preemption path: checkpoint() stops training at an iteration boundary and
+    returns a resubmission of the same runs, which resumes from last.pt."""
+    run = tmp_path / "seed0"
+    spec = RunSpec(
+        "ade20k/fake-exp", "smoke", 0, str(run), ["sleep=0.2", "iters=50"], engine=engine
+    )
+    job = RunJob([spec], threaded=True)
+    outcome: list = []
+    caller = threading.Thread(target=lambda: outcome.append(job()))
+    caller.start()
+    while not (run / "checkpoints" / "last.pt").exists():
+        time.sleep(0.05)
+    delayed = job.checkpoint()
+    caller.join(30)
+    saved = int((run / "checkpoints" / "last.pt").read_text())
+    assert outcome == [["stopped"]] and 1 <= saved < 50
+    assert not (run / "metrics.json").exists() and read_job(run)["state"] == "requeued"
+    # The requeued job: same runs; it resumes from last.pt and finishes.
+    import fakeengine.signals as sig
+
+    sig._STOP.clear()
+    assert delayed.function.specs == [spec]
+    spec.overrides = ["iters=50"]
+    assert delayed.function() == ["done"]
+    iterations = [json.loads(line)["iteration"] for line in (run / "train_log.jsonl").open()]
+    assert iterations == list(range(1, 51))  # no iteration redone, none skipped
+
+
+def test_slurm_options_take_the_experiments_resources():
+    params = SlurmOptions(partition="gpu", account="proj").resolved(
+        {"gpus": 4, "cpus": 32, "time_hours": 30, "mem_gb": 200}
+    )
+    assert params["gpus_per_node"] == 4 and params["ntasks_per_node"] == 4
+    assert params["cpus_per_task"] == 8  # the node's 32 CPUs shared by its 4 tasks
+    assert params["time"] == 30 * 60 and params["mem"] == "200GB"
+    assert params["partition"] == "gpu" and params["account"] == "proj"
+    assert SlurmOptions(gpus_per_node=2).resolved({"gpus": 8})["gpus_per_node"] == 2
+    cpu_only = SlurmOptions().resolved({"gpus": 0, "cpus": 1, "mem_gb": 2, "time_min": 10})
+    assert "gpus_per_node" not in cpu_only and cpu_only["ntasks_per_node"] == 1
+    assert (cpu_only["cpus_per_task"], cpu_only["mem"], cpu_only["time"]) == (1, "2GB", 10)
+
+
+def test_the_waiting_process_imports_no_torch():
+    code = (
+        "import sys, resource\n"
+        "from hcformer.launch import run, executors, job, runfolder\n"
+        "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, 'heavy import'\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 100_000  # KiB

@@ -1,0 +1,305 @@
+"""The criterion of Sec. 4.1 against independent computations and brute force."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hcformer.config import build_config
+from hcformer.losses import (
+    HungarianMatcher,
+    LossNorm,
+    PerPixelCriterion,
+    SetCriterion,
+    build_criterion,
+    local_norm,
+    pairwise_dice,
+    pairwise_sigmoid_ce,
+    point_sample,
+    summarize,
+)
+from hcformer.losses.point_sampling import importance_points
+
+torch.set_num_threads(1)
+
+
+def gens(n: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def make_criterion(num_classes=3, num_points=256, **kw) -> SetCriterion:
+    matcher = HungarianMatcher(
+        class_weight=2.0, mask_weight=5.0, dice_weight=5.0, num_points=num_points
+    )
+    args = dict(
+        num_classes=num_classes,
+        matcher=matcher,
+        class_weight=2.0,
+        mask_weight=5.0,
+        dice_weight=5.0,
+        no_object_weight=0.1,
+        reg_weight=0.1,
+        num_points=num_points,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+    )
+    args.update(kw)
+    return SetCriterion(**args)
+
+
+def test_point_sample_hits_pixel_centres_exactly():
+    values = torch.arange(24.0).reshape(1, 2, 3, 4)
+    ys, xs = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    coords = torch.stack([(xs.flatten() + 0.5) / 4, (ys.flatten() + 0.5) / 3], -1)[None]
+    out = point_sample(values, coords)
+    torch.testing.assert_close(out, values.flatten(2), rtol=0, atol=1e-5)
+
+
+def test_importance_points_prefer_uncertain_region():
+    logits = torch.full((1, 1, 32, 32), 10.0)
+    logits[..., :, 16:] = 0.0  # right half maximally uncertain
+    pts = importance_points(
+        logits,
+        num_points=200,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        generator=gens(1)[0],
+    )
+    assert pts.shape == (1, 200, 2)
+    assert (pts[0, :150, 0] >= 0.5 - 1 / 64).all()  # the 150 most uncertain lie on the right half
+    again = importance_points(
+        logits,
+        num_points=200,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        generator=gens(1)[0],
+    )
+    assert torch.equal(pts, again)  # keyed by the generator only
+
+
+def test_pairwise_costs_match_per_pair_definitions():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    targets = (torch.rand(3, 50) > 0.5).float()
+    ce = pairwise_sigmoid_ce(logits, targets)
+    dice = pairwise_dice(logits, targets)
+    for q in range(4):
+        for n in range(3):
+            ref = F.binary_cross_entropy_with_logits(logits[q], targets[n])
+            assert ce[q, n] == pytest.approx(float(ref), rel=1e-5)
+            p = logits[q].sigmoid()
+            ref_dice = 1 - (2 * (p * targets[n]).sum() + 1) / (p.sum() + targets[n].sum() + 1)
+            assert dice[q, n] == pytest.approx(float(ref_dice), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matcher_equals_brute_force(seed):
+    torch.manual_seed(seed)
+    q, n, k = 5, 3, 4
+    logits = torch.randn(1, q, k + 1)
+    masks = torch.randn(1, q, 8, 8)
+    target = {"labels": torch.randint(0, k, (n,)), "masks": torch.rand(n, 32, 32) > 0.5}
+    matcher = HungarianMatcher(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, num_points=64)
+    cost = matcher.cost_matrix(
+        logits[0], masks[0], target["labels"], target["masks"], generator=gens(1)[0]
+    )
+    # The class part of the cost by its definition: -2 p(c).
+    probs = logits[0].softmax(-1)
+    coords = torch.rand(1, 64, 2, generator=gens(1)[0])
+    out = point_sample(masks[0][:, None], coords.expand(q, -1, -1))[:, 0]
+    tgt = point_sample(target["masks"][:, None].float(), coords.expand(n, -1, -1))[:, 0]
+    for i in range(q):
+        for j in range(n):
+            ref = (
+                -2 * probs[i, target["labels"][j]]
+                + 5 * F.binary_cross_entropy_with_logits(out[i], tgt[j])
+                + 5
+                * (
+                    1
+                    - (2 * (out[i].sigmoid() * tgt[j]).sum() + 1)
+                    / (out[i].sigmoid().sum() + tgt[j].sum() + 1)
+                )
+            )
+            assert cost[i, j] == pytest.approx(float(ref), rel=1e-4, abs=1e-5)
+    ((rows, cols),) = matcher(logits, masks, [target], gens(1))
+    best = min(
+        sum(float(cost[perm[j], j]) for j in range(n))
+        for perm in itertools.permutations(range(q), n)
+    )
+    assert sum(float(cost[r, c]) for r, c in zip(rows, cols)) == pytest.approx(best, rel=1e-6)
+    assert sorted(cols.tolist()) == list(range(n))
+
+
+def blocky_target():
+    """Two masks on a 32x32 image aligned to 4x4 blocks, and logits at stride 4 that match."""
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, :16, :16] = True
+    masks[1, 16:, 8:] = True
+    small = F.interpolate(masks[:, None].float(), size=(8, 8), mode="nearest")[:, 0]
+    return masks, small
+
+
+def test_perfect_prediction_gives_near_zero_mask_loss_and_hand_made_class_loss():
+    masks, _ = blocky_target()
+    labels = torch.tensor([0, 2])
+    q, k = 3, 3
+    # Logits at the target's resolution (the loss does not care about the stride); uniform
+    # points, so that only the thin band where bilinear sampling blurs a border costs anything.
+    pred_masks = torch.full((1, q, 32, 32), -6.0)
+    pred_masks[0, 0] = masks[1].float() * 12 - 6  # query 0 predicts target 1
+    pred_masks[0, 2] = masks[0].float() * 12 - 6  # query 2 predicts target 0
+    pred_logits = torch.zeros(1, q, k + 1)
+    pred_logits[0, 0, 2] = 8.0
+    pred_logits[0, 2, 0] = 8.0
+    pred_logits[0, 1, 3] = 1.0  # query 1: mildly "no object"
+    crit = make_criterion(num_classes=k, num_points=2048, importance_sample_ratio=0.0)
+    out = crit(
+        {"pred_logits": pred_logits, "pred_masks": pred_masks, "cluster_scales": []},
+        [{"labels": labels, "masks": masks}],
+        generators=gens(1),
+    )
+    assert float(out["loss_mask"]) < 5 * 0.08  # a random guess costs ~5 * 0.7
+    assert float(out["loss_dice"]) < 5 * 0.04
+    wrong = crit(
+        {"pred_logits": pred_logits, "pred_masks": -pred_masks, "cluster_scales": []},
+        [{"labels": labels, "masks": masks}],
+        generators=gens(1),
+    )
+    assert float(wrong["loss_mask"] + wrong["loss_dice"]) > 10 * float(
+        out["loss_mask"] + out["loss_dice"]
+    )
+
+    # Class loss by hand: weighted mean of the three queries' cross-entropies.
+    def ce(row, target):
+        return math.log(sum(math.exp(v) for v in row)) - row[target]
+
+    rows = pred_logits[0].tolist()
+    terms = [(1.0, ce(rows[0], 2)), (0.1, ce(rows[1], 3)), (1.0, ce(rows[2], 0))]
+    expected = 2.0 * sum(w * v for w, v in terms) / sum(w for w, _ in terms)
+    assert float(out["loss_ce"]) == pytest.approx(expected, rel=1e-5)
+    assert "loss_reg" not in out
+
+
+def test_deep_supervision_and_regulariser():
+    masks, small = blocky_target()
+    torch.manual_seed(0)
+    pred = {
+        "pred_logits": torch.randn(2, 4, 4),
+        "pred_masks": torch.randn(2, 4, 8, 8),
+        "aux_outputs": [
+            {"pred_logits": torch.randn(2, 4, 4), "pred_masks": torch.randn(2, 4, 8, 8)}
+            for _ in range(2)
+        ],
+        "cluster_scales": [torch.tensor(0.1), torch.tensor(-0.3)],
+    }
+    targets = [
+        {"labels": torch.tensor([0, 2]), "masks": masks},
+        {"labels": torch.tensor([1]), "masks": masks[:1]},
+    ]
+    out = make_criterion()(pred, targets, generators=gens(2))
+    assert set(out) == {
+        *(f"loss_{t}{s}" for t in ("ce", "mask", "dice") for s in ("", "_0", "_1")),
+        "loss_reg",
+    }
+    # The authors' |sum s| (not sum |s|): 0.1 * |0.1 - 0.3|.
+    assert float(out["loss_reg"]) == pytest.approx(0.1 * 0.2)
+    # An aux set equal to the final one gives the same terms (same generators: same points).
+    same = dict(
+        pred, aux_outputs=[{"pred_logits": pred["pred_logits"], "pred_masks": pred["pred_masks"]}]
+    )
+    out2 = make_criterion()(same, targets, generators=gens(2))
+    for t in ("ce", "mask", "dice"):
+        assert float(out2[f"loss_{t}"]) == pytest.approx(float(out[f"loss_{t}"]))
+    no_ds = make_criterion(deep_supervision=False)(pred, targets, generators=gens(2))
+    assert "loss_ce_0" not in no_ds
+    totals = summarize(out)
+    assert totals["loss"] == pytest.approx(sum(float(v) for v in out.values()), rel=1e-6)
+    assert totals["loss_ce"] == pytest.approx(
+        sum(float(out[k]) for k in ("loss_ce", "loss_ce_0", "loss_ce_1"))
+    )
+
+
+def test_split_batch_with_global_norm_equals_whole_batch():
+    """What DDP and gradient accumulation rely on: shares of the global loss add up."""
+    masks, _ = blocky_target()
+    torch.manual_seed(1)
+    pred_logits = torch.randn(3, 4, 4, requires_grad=True)
+    pred_masks = torch.randn(3, 4, 8, 8, requires_grad=True)
+    scales = [torch.tensor(0.2, requires_grad=True)]
+    targets = [
+        {"labels": torch.tensor([0, 2]), "masks": masks},
+        {"labels": torch.tensor([1]), "masks": masks[1:]},
+        {"labels": torch.tensor([], dtype=torch.int64), "masks": masks[:0]},
+    ]
+    crit = make_criterion()
+    whole = sum(
+        crit(
+            {"pred_logits": pred_logits, "pred_masks": pred_masks, "cluster_scales": scales},
+            targets,
+            generators=gens(3),
+        ).values()
+    )
+    norm = local_norm(targets, num_queries=4, no_object_weight=0.1)
+    assert norm == LossNorm(3, 3, 3 + 9 * 0.1, 0)
+    parts = 0
+    for sl in (slice(0, 1), slice(1, 3)):
+        g = gens(3)[sl]
+        parts = parts + sum(
+            crit(
+                {
+                    "pred_logits": pred_logits[sl],
+                    "pred_masks": pred_masks[sl],
+                    "cluster_scales": scales,
+                },
+                targets[sl],
+                generators=g,
+                norm=norm,
+            ).values()
+        )
+    assert float(parts.detach()) == pytest.approx(float(whole.detach()), rel=1e-5)
+    grads_whole = torch.autograd.grad(whole, [pred_logits, pred_masks, *scales])
+    grads_parts = torch.autograd.grad(parts, [pred_logits, pred_masks, *scales])
+    for a, b in zip(grads_whole, grads_parts):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_per_pixel_cross_entropy_and_split():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 4, 4)
+    labels = torch.randint(0, 5, (2, 16, 16))
+    labels[0, :3] = 255
+    targets = [{"sem_seg": labels[0]}, {"sem_seg": labels[1]}]
+    crit = PerPixelCriterion(reg_weight=0.1)
+    out = crit({"sem_logits": logits, "cluster_scales": [torch.tensor(0.1)]}, targets)
+    up = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
+    ref = F.cross_entropy(up, labels, ignore_index=255)
+    assert float(out["loss_sem"]) == pytest.approx(float(ref), rel=1e-5)
+    assert float(out["loss_reg"]) == pytest.approx(0.01)
+    norm = crit.norm_for(targets)
+    halves = sum(
+        sum(
+            crit(
+                {"sem_logits": logits[i : i + 1], "cluster_scales": [torch.tensor(0.1)]},
+                targets[i : i + 1],
+                norm=norm,
+            ).values()
+        )
+        for i in range(2)
+    )
+    assert float(halves) == pytest.approx(float(sum(out.values())), rel=1e-5)
+
+
+def test_build_criterion_follows_head_type_and_weights():
+    cfg = build_config(
+        {"model": {"num_classes": 7}, "loss": {"num_points": 99, "no_object_weight": 0.2}}
+    )
+    crit = build_criterion(cfg)
+    assert isinstance(crit, SetCriterion)
+    assert crit.num_points == 99 and crit.matcher.num_points == 99
+    assert crit.empty_weight.tolist() == pytest.approx([1.0] * 7 + [0.2])
+    cfg = build_config({"model": {"head": {"type": "fpn"}}})
+    assert isinstance(build_criterion(cfg), PerPixelCriterion)

@@ -1,0 +1,156 @@
+"""The Snakemake workflow: dry runs of the README's two commands, targets, config schema, lint.
+
+``snakemake --cores all all_tables`` must be the smoke scale on this machine's cores;
+``snakemake --profile slurm all_tables`` the paper scale with enough concurrency for every run
+at once, one SLURM job per (experiment, seed) with the experiment's GPUs. Expected counts come
+from the registry (hcformer.experiments), not from the workflow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from hcformer.experiments import all_experiments, experiments_for_table, load_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(
+        [str(BIN / "snakemake"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def banner(out: str) -> dict[str, str]:
+    line = next(ln for ln in out.splitlines() if ln.startswith("hcformer workflow:"))
+    return dict(item.split("=", 1) for item in line.split(": ", 1)[1].split())
+
+
+def job_counts(out: str) -> Counter:
+    counts = Counter()
+    section = out.split("Job stats:", 1)[1]
+    for line in section.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def run_jobs(out: str) -> list[dict[str, str]]:
+    """The run jobs of a dry run with their wildcards and resources."""
+    jobs = []
+    for block in out.split("\nrule run:")[1:]:
+        wildcards = re.search(r"wildcards: (.*)", block).group(1)
+        resources = re.search(r"resources: (.*)", block).group(1)
+        shell = re.search(r"Shell command: (.*)", block).group(1)
+        job = dict(kv.split("=", 1) for kv in wildcards.split(", "))
+        job.update({f"res.{k}": v for k, v in (kv.split("=", 1) for kv in resources.split(", "))})
+        job["shell"] = shell
+        jobs.append(job)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def smoke_dry_run():
+    out = snakemake("-n", "-p", "--cores", "all", "all_tables")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def slurm_dry_run():
+    out = snakemake("-n", "-p", "--profile", "slurm", "all_tables")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_main_job_is_smoke_on_all_local_cores(smoke_dry_run):
+    info = banner(smoke_dry_run)
+    assert info["scale"] == "smoke" and info["launcher"] == "inline"
+    assert int(info["cores"]) == os.cpu_count()
+    assert info["results"] == "results/smoke"
+    experiments = all_experiments("smoke")
+    counts = job_counts(smoke_dry_run)
+    assert counts["run"] == len(experiments)  # seeds batched: one process per experiment
+    assert counts["table"] == counts["aggregate_table"] == counts["profile"] == len(load_tables())
+    assert counts["figure"] == 7 and counts["data"] == 4 and counts["mlflow_store"] == 1
+    jobs = run_jobs(smoke_dry_run)
+    assert {j["exp"] for j in jobs} == set(experiments)
+    assert all("--seeds 0 1 2" in j["shell"] and "--launcher inline" in j["shell"] for j in jobs)
+    assert all(j["res.gpus"] == "0" for j in jobs)
+
+
+def test_slurm_profile_is_the_paper_scale_with_a_job_per_run(slurm_dry_run):
+    info = banner(slurm_dry_run)
+    assert info["scale"] == "paper" and info["launcher"] == "slurm"
+    experiments = all_experiments("paper")
+    n_runs = 3 * len(experiments)
+    assert 190 <= n_runs <= 220  # about 68 experiments x 3 seeds
+    assert int(info["cores"]) >= n_runs  # every run's blocking rule can wait at once
+    assert job_counts(slurm_dry_run)["run"] == n_runs
+    jobs = run_jobs(slurm_dry_run)
+    assert Counter(j["exp"] for j in jobs) == Counter({e: 3 for e in experiments})
+    for job in jobs:
+        resources = experiments[job["exp"]].config.resources
+        assert int(job["res.gpus"]) == resources["gpus"] >= 1
+        assert int(job["res.runtime"]) == resources["time_min"]
+        assert "--launcher slurm" in job["shell"] and f"--seed {job['seed']} " in job["shell"]
+    # Resources of every table: Swin-L rows ask for more GPUs than R50 rows (App. D).
+    by_exp = {j["exp"]: int(j["res.gpus"]) for j in jobs}
+    for table in load_tables():
+        for exp in experiments_for_table(table.id, "paper"):
+            assert by_exp[exp.id] == exp.config.resources["gpus"], (table.id, exp.id)
+    assert (
+        by_exp["coco_panoptic/hcformer-swinl-L3-D8-Q200"]
+        > by_exp["coco_panoptic/hcformer-r50-L3-D8-Q100"]
+    )
+
+
+def test_slurm_profile_is_found_at_the_top_level_and_no_default_profile():
+    assert (ROOT / "slurm").resolve() == (ROOT / "workflow" / "profiles" / "slurm").resolve()
+    assert (ROOT / "slurm" / "config.yaml").is_file()
+    assert not list(ROOT.glob("**/profiles/default"))
+
+
+def test_table_target_runs_only_its_experiments():
+    out = snakemake("-n", "--cores", "1", "table_tableV", "--config", "scale=tiny")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert banner(text)["scale"] == "tiny"
+    counts = job_counts(text)
+    assert counts["run"] == len(experiments_for_table("tableV", "tiny")) == 4
+    assert counts["figure"] == 1 and counts["table"] == 1 and "report" not in counts
+    assert "results/tiny/tables/tableV.tex" in text
+
+
+def test_config_is_checked_against_the_schema():
+    out = snakemake("-n", "--cores", "1", "all_tables", "--config", "scale=huge")
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "huge" in text and "is not one of" in text and "scale" in text
+
+
+def test_lint_and_format():
+    out = snakemake("--lint")
+    assert out.returncode == 0 and "good condition" in out.stdout + out.stderr, out.stdout[-3000:]
+    snakefmt = shutil.which("snakefmt", path=str(BIN)) or "snakefmt"
+    fmt = subprocess.run(
+        [snakefmt, "--check", "Snakefile", "workflow"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, fmt.stderr[-2000:]

@@ -1,0 +1,142 @@
+"""Shared values and input functions: the experiments of the paper's tables, from the registry.
+
+The experiment list comes from `hcformer.experiments` (it imports no torch); every other step is
+a thin call of the `hcformer` command.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hcformer.experiments import all_experiments, load_tables
+
+SCALE = config["scale"]
+SEEDS = [int(s) for s in config["seeds"]]
+RESULTS = f"{config['results']}/{SCALE}"
+LAUNCHER = config["launcher"]
+ENV = "../../environment.yml"
+# The tiny and smoke models are the same: profile them once, at `tiny` (the paper's sizes take
+# minutes a table to count, and their numbers are the paper's, not the smoke runs').
+PROFILE_SCALE = "paper" if SCALE == "paper" else "tiny"
+PDFLATEX = shutil.which("pdflatex") is not None
+
+TABLES = {t.id: t for t in load_tables()}
+EXPERIMENTS = all_experiments(SCALE)
+SKIPPED = {
+    e.id
+    for e in EXPERIMENTS.values()
+    if e.requires and e.requires in config["skip_requires"]
+}
+# Tables with a figure of their ablation: each seed a point, the median a line (issue #8).
+ABLATIONS = [
+    t
+    for t in ("table5", "table6", "tableII", "tableIV", "tableV", "tableVI", "tableVII")
+    if t in TABLES
+]
+VISUALIZE = [
+    e for e in config.get("visualize", []) if e in EXPERIMENTS and e not in SKIPPED
+]
+
+
+def mlflow_uri():
+    """The tracking URI every step uses: the config, $MLFLOW_TRACKING_URI, or the scale's store."""
+    uri = config.get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path(RESULTS).resolve()}/mlflow.db"
+
+
+def skip_option():
+    """`--skip-requires ...` for the parts left out (their cells read `not built`)."""
+    skip = config.get("skip_requires", [])
+    return f"--skip-requires {' '.join(skip)}" if skip else ""
+
+
+def table_experiments(table):
+    """The experiment ids a table needs (rows it quotes need none; skipped parts left out)."""
+    ids = [i for row in TABLES[table].rows for i in row.experiment_ids]
+    return [i for i in dict.fromkeys(ids) if i not in SKIPPED]
+
+
+def metrics(exp, seed):
+    return f"{RESULTS}/runs/{exp}/seed{seed}/metrics.json"
+
+
+def table_metrics(wildcards):
+    return [metrics(e, s) for e in table_experiments(wildcards.table) for s in SEEDS]
+
+
+def all_metrics():
+    return [metrics(e, s) for e in EXPERIMENTS if e not in SKIPPED for s in SEEDS]
+
+
+def experiment_resources(exp):
+    """The launcher hints of an experiment (experiments/ ... resources: gpus, cpus, mem_gb, time_min)."""
+    return dict(EXPERIMENTS[exp].config.resources)
+
+
+def dataset_marker(wildcards):
+    return f"{RESULTS}/data/{EXPERIMENTS[wildcards.exp].dataset}.ok"
+
+
+def table_outputs(table):
+    out = [f"{RESULTS}/tables/{table}.tex", f"{RESULTS}/provenance/{table}.json"]
+    if table in ABLATIONS:
+        out.append(f"{RESULTS}/figures/{table}.pdf")
+    return out
+
+
+def visual_outputs():
+    return [f"{RESULTS}/figures/hierarchy/{e}.png" for e in VISUALIZE]
+
+
+def data_command(wildcards):
+    if SCALE == "paper":
+        if not config.get("check_inputs", True):
+            return "echo 'check_inputs: false: not checked'"
+        return f"python workflow/scripts/check_inputs.py --scale {SCALE} --dataset {wildcards.dataset}"
+    cfg = next(e.config for e in EXPERIMENTS.values() if e.dataset == wildcards.dataset)
+    synth = cfg.data.synthetic
+    height, width = synth.size
+    return (
+        f"hcformer synth-data --dataset {wildcards.dataset} --out {cfg.data.root} "
+        f"--images {synth.train_images} --val-images {synth.val_images} "
+        f"--size {height}x{width} --seed {synth.seed}"
+    )
+
+
+def launcher_options():
+    """The `hcformer run` options of the slurm launcher from the workflow config."""
+    if LAUNCHER != "slurm":
+        return ""
+    slurm = config.get("slurm", {})
+    opts = [
+        f"--{key} {slurm[key]}"
+        for key in ("partition", "account", "qos", "constraint")
+        if slurm.get(key)
+    ]
+    opts += [f"--setup '{line}'" for line in slurm.get("setup", [])]
+    opts += [f"--sbatch {key}={value}" for key, value in slurm.get("extra", {}).items()]
+    return " ".join(opts)
+
+
+def run_environment():
+    return f"OMP_NUM_THREADS={config['threads_per_run']} MLFLOW_TRACKING_URI='{mlflow_uri()}'"
+
+
+def tracking_overrides():
+    return "" if config.get("mlflow_live", True) else "--set tracking.enabled=false"
+
+
+wildcard_constraints:
+    exp=r"[a-z0-9_]+/[A-Za-z0-9_.+-]+",
+    seed=r"\d+",
+    table=r"table[0-9A-Za-z_]+",
+    dataset=r"[a-z0-9_]+",
+
+
+print(
+    f"hcformer workflow: scale={SCALE} launcher={LAUNCHER} seeds={','.join(map(str, SEEDS))} "
+    f"experiments={len(EXPERIMENTS) - len(SKIPPED)} results={RESULTS} "
+    f"cores={workflow.resource_settings.cores}",
+    file=sys.stderr,
+)
