@@ -49,7 +49,9 @@ def one_run(exp: str, seed: int, args, workdir: Path) -> dict:
     overrides = [x for s in ["tracking.enabled=false", *args.set] for x in ("--set", s)]
     base = [sys.executable, "-m", "hcformer.cli"]
     train_cmd = [*base, "train", "--experiment", exp, "--scale", args.scale, "--seed", str(seed)]
-    train_cpu, train_wall = run([*train_cmd, "--run-dir", str(run_dir), "--no-progress", *overrides], env)
+    train_cpu, train_wall = run(
+        [*train_cmd, "--run-dir", str(run_dir), "--no-progress", *overrides], env
+    )
     eval_cpu, eval_wall = run([*base, "evaluate", "--run-dir", str(run_dir)], env)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -72,10 +74,17 @@ def main() -> int:
     p.add_argument("--scale", default="tiny")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--workdir", default=None, help="keep the run folders here (default: a temp dir)")
+    p.add_argument(
+        "--workdir", default=None, help="keep the run folders here (default: a temp dir)"
+    )
     p.add_argument("--out", default="benchmarks/out/tiny_training.json")
     args = p.parse_args()
-    results = {"scale": args.scale, "threads": args.threads, "overrides": args.set, "experiments": {}}
+    results = {
+        "scale": args.scale,
+        "threads": args.threads,
+        "overrides": args.set,
+        "experiments": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         for exp in args.experiment:

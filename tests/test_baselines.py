@@ -280,6 +280,11 @@ def test_pyramid_heads_see_global_context_and_fcn_does_not():
             {"hierarchy_level": 0},
             "model.head.queries: 0 is invalid",
         ),
+        (
+            {**MASKFORMER, "encoder_layers": 1, "pixel_decoder_dim": 30},
+            {"hierarchy_level": 0},
+            "model.head.pixel_decoder_dim: 30 is invalid",
+        ),
     ],
 )
 def test_builder_rejects_invalid_combinations(head, backbone, message):
@@ -334,3 +339,23 @@ def test_tiny_hc_perpixel_model_learns_and_beats_fcn32s():
     first, last = sum(hc[:3]) / 3, sum(hc[-3:]) / 3
     assert last < 0.5 * first, hc
     assert last < 0.75 * (sum(fcn[-3:]) / 3), (hc, fcn)
+
+
+def test_latency_benchmark_models_build_at_paper_size():
+    """Every model that benchmarks/baselines_latency.py times builds from its spec (meta device)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines_latency.py"
+    spec = importlib.util.spec_from_file_location("baselines_latency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with torch.device("meta"):
+        params = {
+            label: n_params(bench.build(label, group["num_classes"]))
+            for group in bench.GROUPS.values()
+            for label in group["models"]
+        }
+    assert set(params) == set(bench.MODELS)
+    assert abs(params["MaskFormer-R50"] - 45.0) < 1.0
+    assert abs(params["HCFormer-R50"] - 38.0) < 1.0

@@ -82,23 +82,31 @@ def test_all_tables_total_counts_shared_experiments_once(tmp_path, capsys):
 
 
 def test_a_measured_benchmark_replaces_the_estimate(tmp_path):
+    """The JSON of ``hcformer benchmark-train`` (its keys: exp_id, scale, device, batch,
+    input_size, seconds_per_iteration), measured at half the paper's batch on one GPU."""
     bench = tmp_path / "r50.json"
-    bench.write_text(
-        json.dumps(
-            {
-                "experiment": "coco_panoptic/hcformer-r50-L3-D8-Q100",
-                "seconds_per_iteration": 0.5,
-                "gpus": 2,
-                "device": "NVIDIA H200",
-            }
-        )  # fmt: skip
-    )
+    measured = {
+        "exp_id": "coco_panoptic/hcformer-r50-L3-D8-Q100",
+        "scale": "paper",
+        "device": "NVIDIA H200",
+        "amp": True,
+        "batch": 8,
+        "input_size": [1024, 1024],
+        "seconds_per_iteration": 0.5,
+        "images_per_second": 16.0,
+    }
+    bench.write_text(json.dumps(measured))
     report, _ = _budget(tmp_path, "--table", "table5", "--gpu-seconds-per-iter", str(bench))
     (figure,) = report["figures"].values()
-    assert figure["measured"] and figure["device"] == "NVIDIA H200"
-    assert figure["gpu_seconds_per_iter"] == 1.0  # 0.5 s on 2 GPUs
+    assert figure["measured"] and figure["device"] == "NVIDIA H200" and figure["batch_size"] == 8
     assert report["measured"] is True and report["note"] == "all figures measured"
+    # 0.5 s for 8 images -> 1.0 s for the paper's 16; table 5 = 4 experiments x 3 seeds.
+    assert report["experiments"][0]["gpu_seconds_per_iter"] == pytest.approx(1.0)
     assert report["total"]["gpu_hours"] == pytest.approx(4 * 3 * 368750 * 1.0 / 3600)
+    # Several GPUs sharing the batch: GPU-seconds = seconds x GPUs.
+    bench.write_text(json.dumps({**measured, "gpus": 2}))
+    report, _ = _budget(tmp_path, "--table", "table5", "--gpu-seconds-per-iter", str(bench))
+    assert report["experiments"][0]["gpu_seconds_per_iter"] == pytest.approx(2.0)
     # Only the measured family changes: Swin-L of table 1 stays an estimate.
     report, _ = _budget(tmp_path, "--table", "table1", "--gpu-seconds-per-iter", str(bench))
     assert report["figures"]["resnet50"]["measured"] and not report["figures"]["swin_l"]["measured"]
@@ -115,6 +123,8 @@ def test_a_measured_benchmark_replaces_the_estimate(tmp_path):
         ("figures: {resnet50: {gpu_secs: 1, batch_size: 16, crop: [8, 8]}}",
          "unknown keys ['gpu_secs']"),
         ("just: words", "neither a figures file"),
+        ('{"seconds_per_iteration": 1, "scale": "tiny", "exp_id": "x"}',
+         "measured at scale 'tiny'"),
     ],
 )  # fmt: skip
 def test_bad_figures_files_fail_with_one_clear_line(tmp_path, content, message):

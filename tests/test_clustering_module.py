@@ -118,7 +118,9 @@ def _assignments(b: int, h: int, w: int, seed: int = 0) -> list[torch.Tensor]:
     out = []
     for factor in (8, 4, 2):
         feat = F.normalize(torch.randn(b, 4, h * factor, w * factor, generator=g), dim=1)
-        coarse = F.normalize(torch.randn(b, 4, h * factor // 2, w * factor // 2, generator=g), dim=1)
+        coarse = F.normalize(
+            torch.randn(b, 4, h * factor // 2, w * factor // 2, generator=g), dim=1
+        )
         out.append(reference.clustering(feat, coarse, torch.tensor(0.3)))
     return out
 
@@ -179,3 +181,16 @@ def test_decode_masks_rejects_mismatched_assignments():
         decode_masks(torch.randn(1, 2, 2, 3), assignments + assignments[:1])
     with pytest.raises(ValueError, match=r"expected masks \[B, \.\.\., h, w\]"):
         decode_masks(torch.randn(2, 3), assignments)
+
+
+def test_decode_masks_keeps_contiguous_masks_contiguous():
+    # downstream code may .view() the stride-4 masks: a contiguous input gives a contiguous output
+    assignments = _assignments(1, 2, 3, seed=4)
+    for levels in (1, 3):
+        out = decode_masks(torch.randn(1, 4, 2, 3), assignments[3 - levels :])
+        assert out.is_contiguous()
+    a = assignments[2]
+    x = torch.randn(1, 5, 2, 3).contiguous(memory_format=torch.channels_last)
+    out = ops.decode(x, a)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # follows x, like a conv
+    torch.testing.assert_close(out, reference.decode(x.contiguous(), a))

@@ -108,7 +108,14 @@ def test_request_stop_and_signal_exit_codes():
 
 
 def test_distributed_environment(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+    ):
         monkeypatch.delenv(key, raising=False)
     assert environment().world_size == 1
     monkeypatch.setenv("SLURM_NTASKS", "4")
@@ -121,3 +128,32 @@ def test_distributed_environment(monkeypatch):
     assert environment().world_size == 2 and environment().rank == 1  # torchrun's wins
     assert first_host("gpu[03-05,9],cpu1") == "gpu03"
     assert first_host("node7") == "node7"
+
+
+def test_save_now_from_a_signal_handler_writes_the_last_completed_iteration(tmp_path):
+    """What submitit's checkpoint() may do: save synchronously from the handler."""
+    from hcformer.engine.train import Trainer
+
+    class Loop(Trainer):
+        def __init__(self) -> None:  # only what save() needs
+            import threading
+
+            from hcformer.engine.distributed import DistInfo
+
+            self.dist = DistInfo()
+            self.run_dir = tmp_path
+            self.iteration = 7
+            self._update_lock = threading.Lock()
+
+        def state(self):
+            return {"iteration": self.iteration}
+
+    loop = Loop()
+    signals.register_saver(loop.save)
+    previous = signal.signal(signal.SIGUSR2, lambda *_: signals.save_now())
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        signals.register_saver(None)
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt") == {"iteration": 7}

@@ -83,7 +83,9 @@ def hcformer(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
         if not env or key not in env:
             full.pop(key, None)
     cmd = [sys.executable, "-m", "hcformer.cli", *args]
-    return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -105,7 +107,11 @@ def work(tmp_path_factory) -> Path:
 def reference(work) -> Path:
     """One uninterrupted run on one process (with live MLflow logging)."""
     run = work / "runs" / "ref" / "seed0"
-    code, out = finish(hcformer("train", "--config", str(work / "tracked.yaml"), "--seed", "0", "--run-dir", str(run)))
+    code, out = finish(
+        hcformer(
+            "train", "--config", str(work / "tracked.yaml"), "--seed", "0", "--run-dir", str(run)
+        )
+    )
     assert code == 0, out
     return run
 
@@ -139,7 +145,9 @@ def test_sigterm_then_rerun_replays_bit_for_bit(work, reference):
     for key in ref:
         assert torch.equal(ref[key], got[key]), key
     # The log replays too: one line per iteration, the same losses.
-    ref_log = [json.loads(line) for line in (reference / "train_log.jsonl").read_text().splitlines()]
+    ref_log = [
+        json.loads(line) for line in (reference / "train_log.jsonl").read_text().splitlines()
+    ]
     got_log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in got_log] == list(range(1, ITERATIONS + 1))
     assert [e["loss"] for e in got_log] == [e["loss"] for e in ref_log]
@@ -151,16 +159,33 @@ def test_sigterm_then_rerun_replays_bit_for_bit(work, reference):
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(work, reference):
     run = work / "runs" / "ddp" / "seed0"
-    argv = ("train", "--config", str(work / "tiny.yaml"), "--seed", "0", "--run-dir", str(run), "--no-progress")
-    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
-    procs = [hcformer(*argv, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    argv = (
+        "train",
+        "--config",
+        str(work / "tiny.yaml"),
+        "--seed",
+        "0",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+    )
+    common = {
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }
+    procs = [
+        hcformer(*argv, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)
+    ]
     results = [finish(p) for p in procs]
     for code, out in results:
         assert code == 0, out
     ref, got = weights(reference), weights(run)
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-3, atol=1e-4, msg=key)
-    ref_log = [json.loads(line) for line in (reference / "train_log.jsonl").read_text().splitlines()]
+    ref_log = [
+        json.loads(line) for line in (reference / "train_log.jsonl").read_text().splitlines()
+    ]
     got_log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     # Logged losses are the global batch's (summed over the processes); the weights differ only
     # by float summation order, amplified a little by Adam's normalisation (~2e-5 measured).
@@ -170,7 +195,17 @@ def test_two_process_gloo_ddp_matches_one_process(work, reference):
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_pass(work, reference):
     run = work / "runs" / "accum" / "seed0"
-    argv = ("train", "--config", str(work / "tiny.yaml"), "--seed", "0", "--run-dir", str(run), "--set", "solver.micro_batch=1")
+    argv = (
+        "train",
+        "--config",
+        str(work / "tiny.yaml"),
+        "--seed",
+        "0",
+        "--run-dir",
+        str(run),
+        "--set",
+        "solver.micro_batch=1",
+    )
     code, out = finish(hcformer(*argv))
     assert code == 0, out
     ref, got = weights(reference), weights(run)
@@ -214,7 +249,20 @@ def test_benchmark_train_writes_timing_json(work, tmp_path):
     from hcformer.engine.benchmark import main
 
     out = tmp_path / "bench.json"
-    code = main(["--config", str(work / "tiny.yaml"), "--iterations", "2", "--warmup", "1", "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "--config",
+            str(work / "tiny.yaml"),
+            "--iterations",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["amp"] is False and result["batch"] == 2

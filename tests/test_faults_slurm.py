@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EXP = "ade20k/hcformer-r50-L3-D8-Q100"
-ITERATIONS = 40
+ITERATIONS = 24
 
 
 def _slurm_up() -> bool:

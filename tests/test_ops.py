@@ -300,3 +300,19 @@ def test_fast_path_under_cpu_autocast():
     expected_a = reference.clustering(feat, coarse, torch.tensor(0.5))
     torch.testing.assert_close(a.float(), expected_a, rtol=0, atol=2e-2)
     torch.testing.assert_close(out.float(), reference.decode(x, expected_a), rtol=0, atol=5e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_half_precision_logits_do_not_overflow_at_tiny_scale(impl):
+    feat, coarse = _features(1, 8, 2, 3, dtype=torch.float32, seed=8)
+    scale = torch.tensor(1e-6)  # 1 / |s| = 1e6 > the float16 maximum 65504
+    a = IMPLS[impl].clustering(feat.half(), coarse.half(), scale)
+    assert a.dtype == torch.float32 and torch.isfinite(a).all()
+    torch.testing.assert_close(a.sum(1), torch.ones(1, 4, 6))
+    # nearly one-hot on the winner of the cosines, where float16 rounding cannot flip it
+    soft = reference.clustering(feat.double(), coarse.double(), torch.tensor(0.01))
+    top2 = soft.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.5
+    assert clear.sum() >= 12
+    assert torch.equal(a.argmax(1)[clear], soft.argmax(1)[clear])
+    assert a.max(1).values[clear].min() > 0.99

@@ -170,6 +170,18 @@ def test_fidelity_ade20k_decoder_layers_and_plus(ade_hierarchy: dict[int, dict])
     assert plus["gflops_model"] > d8["gflops_model"]  # the encoder costs something
 
 
+@pytest.mark.parametrize(
+    ("table", "label", "exp_id"),
+    [
+        ("table3", "HCFormer Swin-S", "ade20k/hcformer-swins-L3-D8-Q100"),
+        ("table4", "HCFormer R50", "cityscapes/hcformer-r50-L3-D9-Q100"),
+    ],
+)
+def test_fidelity_swin_and_cityscapes(table: str, label: str, exp_id: str):
+    ours, paper = _count(exp_id), _paper(table, label)
+    assert abs(ours["gflops"] - paper["gflops"]) <= 0.1 * paper["gflops"], ours["gflops"]
+
+
 @pytest.mark.slow
 def test_fidelity_coco_r50():
     """Table 1 / 5: HCFormer R50 on COCO, averaged over the 100 val sizes (38.4M by hand)."""
@@ -228,6 +240,14 @@ def test_profile_cli_tiny_table5_writes_documented_json(tmp_path: Path):
     assert params == sorted(params) and params[0] < params[-1]
     assert "torchvision.deform_conv2d" not in rows[0]["gflops_by_op"]  # no DCNv2 at L0
     assert rows[3]["gflops_by_op"]["torchvision.deform_conv2d"] > 0
+
+
+def test_latency_is_measured_on_real_tensors():
+    result = P.profile_table("table5", "tiny", rows=["HCFormer R50 L3"], latency=True, repeats=2)
+    (row,) = result["rows"]
+    assert row["latency_ms"] > 0 and row["latency_input"] == [128, 128]
+    assert result["device"] == "cpu"
+    assert row["paper"] == {"gflops": 87, "params_m": 38}  # table 5 prints no latency
 
 
 def test_rows_that_need_missing_heads_are_skipped(monkeypatch: pytest.MonkeyPatch):

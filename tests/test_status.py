@@ -218,3 +218,12 @@ def test_last_line_reads_only_the_end_of_a_big_log(tmp_path):
     log.write_text("x" * 1_000_000 + "\nthe end\n\n")
     assert status.last_line(log) == "the end"
     assert status.last_line(tmp_path / "absent.log") == ""
+
+
+def test_nothing_started_and_an_unknown_table(tmp_path, capsys):
+    report = _status_json(tmp_path / "nothing", "--table", "table5", capsys=capsys)
+    (t5,) = report["tables"]
+    assert t5["not_started"] == t5["total"] == len(needed_runs()["table5"]) and not t5["complete"]
+    assert cli.main(["status", "--results", str(tmp_path), "--table", "table99"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown table 'table99'" in err[0]

@@ -21,7 +21,13 @@ def make_run_folder(root: Path, exp: str, seed: int, *, metrics: dict | None, fa
     run.mkdir(parents=True)
     cfg = dict(CONFIG, tracking={"uri": "", "enabled": True})
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    info = {"exp_id": exp, "seed": seed, "scale": "smoke", "git_commit": "abc", "tables": {"table5": "L3"}}
+    info = {
+        "exp_id": exp,
+        "seed": seed,
+        "scale": "smoke",
+        "git_commit": "abc",
+        "tables": {"table5": "L3"},
+    }
     (run / "run.json").write_text(json.dumps(info))
     (run / "train_log.jsonl").write_text(
         "".join(json.dumps({"iteration": i, "loss": 10.0 / i, "lr": 0.1}) + "\n" for i in (1, 2, 3))
@@ -117,7 +123,9 @@ def test_sync_fills_missing_runs_idempotently(tmp_path, capsys):
     assert runs["ade20k/b/seed0"].info.status == "FAILED"
     import mlflow
 
-    history = mlflow.MlflowClient(uri).get_metric_history(runs["ade20k/a/seed0"].info.run_id, "loss")
+    history = mlflow.MlflowClient(uri).get_metric_history(
+        runs["ade20k/a/seed0"].info.run_id, "loss"
+    )
     assert [(m.step, m.value) for m in history] == [(1, 10.0), (2, 5.0), (3, 10.0 / 3)]
     assert sync_main(["--results", str(root)]) == 0  # idempotent
     assert "3 present, 1 skipped" in capsys.readouterr().err

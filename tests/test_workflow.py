@@ -154,3 +154,23 @@ def test_lint_and_format():
         [snakefmt, "--check", "Snakefile", "workflow"], cwd=ROOT, capture_output=True, text=True
     )
     assert fmt.returncode == 0, fmt.stderr[-2000:]
+
+
+def test_paper_inputs_are_checked_before_anything_is_submitted(tmp_path):
+    """At paper scale the data rule fails, naming each missing dataset folder and pretrained
+    weight, so no run of that dataset is submitted."""
+    script = ROOT / "workflow" / "scripts" / "check_inputs.py"
+    hub = tmp_path / "hub"
+    (hub / "models--timm--resnet50.tv_in1k").mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_CACHE": str(hub)}
+    cmd = [sys.executable, str(script), "--scale", "paper", "--dataset", "coco_panoptic"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "missing dataset folder datasets/coco" in out.stderr
+    assert "models--timm--swin_small_patch4_window7_224" in out.stderr  # Swin-S rows need it
+    assert "resnet50.tv_in1k" not in out.stderr  # present in the cache
+    (tmp_path / "datasets" / "coco").mkdir(parents=True)
+    for name in ("swin_small_patch4_window7_224.ms_in1k", "swin_large_patch4_window12_384.ms_in22k"):
+        (hub / f"models--timm--{name}").mkdir()
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -169,8 +169,9 @@ def load_figures(path: Path) -> tuple[dict[str, Figure], float | None]:
 
 
 def _benchmark_figure(data: dict[str, Any], path: Path) -> Figure:
-    """One measured figure from ``hcformer benchmark-train``'s JSON: seconds per iteration of
-    one experiment on ``gpus`` GPUs (or ``world_size`` processes) at its batch and crop."""
+    """One measured figure from ``hcformer benchmark-train``'s JSON (``exp_id``, ``scale``,
+    ``device``, ``batch``, ``input_size``, ``seconds_per_iteration`` on one device; ``gpus`` or
+    ``world_size`` when several shared the batch)."""
     seconds = data.get("seconds_per_iteration", data.get("seconds_per_iter"))
     if seconds is None:
         raise ConfigError(
@@ -178,21 +179,30 @@ def _benchmark_figure(data: dict[str, Any], path: Path) -> Figure:
             "('seconds_per_iteration')"
         )
     seconds = _positive(seconds, f"{path}: seconds_per_iteration")
+    if data.get("scale", "paper") != "paper":
+        raise ConfigError(
+            f"{path}: measured at scale {data['scale']!r}; the budget needs the paper-scale model "
+            "(hcformer benchmark-train --scale paper)"
+        )
     gpus = _positive(data.get("gpus", data.get("world_size", 1)), f"{path}: gpus", int)
     device = str(data.get("device", "unknown"))
-    if data.get("experiment"):
+    batch = data.get("batch_size", data.get("batch"))
+    crop = data.get("crop", data.get("input_size"))
+    exp_id = data.get("experiment", data.get("exp_id"))
+    if data.get("family"):
+        family = str(data["family"])
+    elif exp_id:
         from hcformer.experiments import resolve
 
-        cfg = resolve(str(data["experiment"]), "paper")
+        cfg = resolve(str(exp_id), "paper")
         head = cfg.model.head.type
         family = cfg.model.backbone.name if head == "hcformer" else family_keys(cfg)[0]
-        batch = int(data.get("batch_size", cfg.solver.batch_size))
-        crop = data.get("crop") or list(train_crop(cfg))
+        batch = batch if batch is not None else cfg.solver.batch_size
+        crop = crop if crop is not None else list(train_crop(cfg))
     else:
-        for key in ("family", "batch_size", "crop"):
-            if key not in data:
-                raise ConfigError(f"{path}: a benchmark without 'experiment' needs {key!r}")
-        family, batch, crop = str(data["family"]), data["batch_size"], data["crop"]
+        raise ConfigError(f"{path}: a benchmark result needs 'exp_id' (or 'family')")
+    if batch is None or crop is None:
+        raise ConfigError(f"{path}: a benchmark result needs 'batch' and 'input_size'")
     raw = {"gpu_seconds_per_iter": seconds * gpus, "batch_size": batch, "crop": crop}
     source = f"measured by hcformer benchmark-train ({path.name}) on {gpus} x {device}"
     return _figure(family, {**raw, "source": source}, str(path), True, device)

@@ -96,6 +96,8 @@ def fmt(value: Any, column: str = "") -> str:
     if isinstance(value, (int, float)):
         if column in ("hierarchy_level", "decoder_layers", "queries", "crop"):
             return str(int(value))
+        if column in ("params_m", "gflops") and 0 < abs(float(value)) < 1:
+            return f"{float(value):.2f}"  # the tiny models: 0.1 GFLOPs would hide the steps
         return f"{float(value):.1f}"
     return latex_escape(str(value))
 

@@ -1,0 +1,14 @@
+"""Training and evaluation loops, checkpoints and resume, DDP, AMP (DESIGN.md "The flow of one
+experiment", "Signals, randomness, checkpoints").
+
+- :mod:`~hcformer.engine.train`: ``hcformer train`` / :func:`~hcformer.engine.train.train`;
+- :mod:`~hcformer.engine.evaluate`: ``hcformer evaluate`` / :func:`~hcformer.engine.evaluate.evaluate`;
+- :mod:`~hcformer.engine.signals`: :func:`~hcformer.engine.signals.request_stop` (save at the next
+  iteration boundary and stop) and :func:`~hcformer.engine.signals.save_now` for launchers;
+- :mod:`~hcformer.engine.benchmark`: ``hcformer benchmark-train``;
+- :mod:`~hcformer.engine.checkpoint`, :mod:`~hcformer.engine.randomness`,
+  :mod:`~hcformer.engine.distributed`, :mod:`~hcformer.engine.optim`,
+  :mod:`~hcformer.engine.predictions`, :mod:`~hcformer.engine.runinfo` (the run folder's files).
+
+Submodules import torch; this package itself imports nothing heavy.
+"""

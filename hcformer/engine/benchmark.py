@@ -35,10 +35,14 @@ def random_targets(batch: int, height: int, width: int, num_classes: int, *, gen
         sem = torch.full((height, width), 255, dtype=torch.int64)
         labels = torch.randint(0, num_classes, (n,), generator=generator)
         for k in range(n):
-            y0, x0 = (int(v) for v in torch.randint(0, max(height // 2, 1), (2,), generator=generator))
+            y0, x0 = (
+                int(v) for v in torch.randint(0, max(height // 2, 1), (2,), generator=generator)
+            )
             masks[k, y0 : y0 + height // 3, x0 : x0 + width // 3] = True
             sem[masks[k]] = labels[k]
-        targets.append({"labels": labels.to(device), "masks": masks.to(device), "sem_seg": sem.to(device)})
+        targets.append(
+            {"labels": labels.to(device), "masks": masks.to(device), "sem_seg": sem.to(device)}
+        )
     return targets
 
 
@@ -60,7 +64,9 @@ def time_training(cfg, *, batch: int, iterations: int, warmup: int, device) -> d
     height, width = train_pad_size(cfg)
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, height, width, generator=gen).mul(255).to(device)
-    targets = random_targets(batch, height, width, cfg.model.num_classes, generator=gen, device=device)
+    targets = random_targets(
+        batch, height, width, cfg.model.num_classes, generator=gen, device=device
+    )
     generators = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
     times = []
     if device.type == "cuda":
@@ -115,7 +121,9 @@ def main(argv: list[str]) -> int:
     what.add_argument("--experiment", help="experiment id (see `hcformer experiments`)")
     what.add_argument("--config", help="a config YAML of one's own")
     p.add_argument("--scale", default="paper", choices=SCALES)
-    p.add_argument("--batch", type=int, default=0, help="images per iteration (default: the config's)")
+    p.add_argument(
+        "--batch", type=int, default=0, help="images per iteration (default: the config's)"
+    )
     p.add_argument("--iterations", type=int, default=20, help="timed iterations")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -135,11 +143,15 @@ def main(argv: list[str]) -> int:
     batch = args.batch or cfg.solver.batch_size
     while True:
         try:
-            result = time_training(cfg, batch=batch, iterations=args.iterations, warmup=args.warmup, device=device)
+            result = time_training(
+                cfg, batch=batch, iterations=args.iterations, warmup=args.warmup, device=device
+            )
             break
         except torch.OutOfMemoryError:
             if batch == 1:
-                raise HCFormerError(f"{info['exp_id']}: one image does not fit on {device}") from None
+                raise HCFormerError(
+                    f"{info['exp_id']}: one image does not fit on {device}"
+                ) from None
             batch //= 2
             torch.cuda.empty_cache()
             print(f"hcformer benchmark-train: out of memory; trying batch {batch}", file=sys.stderr)

@@ -84,10 +84,9 @@ class Evaluator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def load_model(self):
-        import torch
 
         from hcformer.engine.checkpoint import load_checkpoint
-        from hcformer.engine.runinfo import CHECKPOINTS, FINAL_WEIGHTS
+        from hcformer.engine.runinfo import FINAL_WEIGHTS
         from hcformer.models import build_model
 
         path = self.run_dir / FINAL_WEIGHTS
@@ -97,10 +96,7 @@ class Evaluator:
             )
         model = build_model(self.cfg.model)
         model.load_state_dict(load_checkpoint(path))
-        last = self.run_dir / CHECKPOINTS / "last.pt"
-        self.iterations = self.cfg.solver.iterations
-        if last.is_file():
-            self.iterations = int(load_checkpoint(last).get("iteration", self.iterations))
+        self.iterations = self.cfg.solver.iterations  # model_final.pt exists once all are done
         return model.to(self.device).eval()
 
     def run(self) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def param_groups(model: nn.Module, solver: SolverConfig) -> list[dict]:
             elif isinstance(module, nn.Embedding) or any(e in name for e in _EMBED_NAMES):
                 weight_decay = solver.weight_decay_embed
             group = groups.setdefault(
-                (lr, weight_decay), {"params": [], "names": [], "lr": lr, "weight_decay": weight_decay}
+                (lr, weight_decay),
+                {"params": [], "names": [], "lr": lr, "weight_decay": weight_decay},
             )
             group["params"].append(param)
             group["names"].append(full)

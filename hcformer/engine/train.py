@@ -222,12 +222,14 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write ``last.pt`` of the last completed iteration (main process only)."""
+        from hcformer.engine import signals
         from hcformer.engine.checkpoint import save_checkpoint
         from hcformer.engine.runinfo import CHECKPOINTS
 
         if not self.dist.is_main:
             return None
-        with self._update_lock:
+        # Blocked signals: a handler calling save_now() never re-enters a save in progress.
+        with signals.signals_blocked(), self._update_lock:
             return save_checkpoint(self.state(), self.run_dir / CHECKPOINTS)
 
     # -- data ---------------------------------------------------------------------------------

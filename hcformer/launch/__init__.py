@@ -1,0 +1,11 @@
+"""Launchers: one job per run that trains then evaluates (DESIGN.md, flow steps 3-5).
+
+- :mod:`hcformer.launch.run`: ``hcformer run`` (submit through a launcher and wait);
+- :mod:`hcformer.launch.job`: what a job runs (:class:`~hcformer.launch.job.RunJob`, submitit's
+  checkpointable callable);
+- :mod:`hcformer.launch.executors`: submitit's ``slurm`` and ``local`` executors, SLURM options,
+  waiting on a job;
+- :mod:`hcformer.launch.runfolder`: ``job.json`` and the run-folder lock.
+
+Nothing here imports torch: the process that submits and waits stays small.
+"""

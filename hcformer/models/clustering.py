@@ -79,7 +79,8 @@ def decode_masks(
       levels_total: number of 2x upsamplings in all (3: stride 32 -> stride 4).
 
     Returns:
-      [B, ..., h * 2**levels_total, w * 2**levels_total].
+      [B, ..., h * 2**levels_total, w * 2**levels_total], in the memory format of ``masks``
+      (``ops.decode`` and bilinear upsampling both keep it).
     """
     if masks.dim() < 3:
         raise ValueError(f"decode_masks: expected masks [B, ..., h, w], got {tuple(masks.shape)}")

@@ -140,6 +140,19 @@ def build_maskformer(cfg: ModelConfig) -> MaskFormer:
             head.nheads,
             f"a divisor of model.head.hidden_dim ({head.hidden_dim})",
         ),
+        (
+            head.hidden_dim % 4 == 0,
+            "model.head.hidden_dim",
+            head.hidden_dim,
+            "a multiple of 4 (two sine encodings of hidden_dim/2 channels)",
+        ),
+        (
+            head.encoder_layers == 0
+            or (head.pixel_decoder_dim % head.nheads == 0 and head.pixel_decoder_dim % 4 == 0),
+            "model.head.pixel_decoder_dim",
+            head.pixel_decoder_dim,
+            f"a multiple of 4 and of model.head.nheads ({head.nheads}): the encoder runs at it",
+        ),
     ]
     for ok, key, value, expected in checks:
         if not ok:

@@ -184,20 +184,20 @@ def _scatter(
     are ONE [12, C] matrix per q (an overlapping view again): three batched [1, 12] x [12, C]
     products, with the 12 weights of each q gathered first.
     """
-    wg = weights.view(g.lead + g.cells, 4, 3, 3)  # cell (lead included), child, dy, dx
-    w12 = weights.new_empty((3, g.cells, 3, 4))  # dy, q, t, child: cell m = q - dy*cols - 2 + t
-    for dy in range(3):
-        for t in range(3):
-            start = g.lead - dy * g.cols - 2 + t
-            w12[dy, :, t].copy_(wg[start : start + g.cells, :, dy, 2 - t])
+    # w12[2 - dy, q, t, p] = weight (dy, dx = 2 - t) of child p of cell m = q - dy * cols - 2 + t:
+    # in the [lead + cells, 4, 3, 3] weights storage that is offset 36 (q + lead - dy cols - 2 + t)
+    # + 9 p + 3 dy + 2 - t, linear in (2 - dy, q, t, p): one strided view, copied once.
+    strides = (36 * g.cols - 3, 36, 35, 9)
+    first = 36 * (g.lead - 2 * g.cols - 2) + 3 * 2 + 2  # dy = 2, q = 0, t = 0, p = 0
+    w12 = weights.as_strided((3, g.cells, 3, 4), strides, first).contiguous()
     out = fine.new_empty((g.cells, 1, c))
     for dy in range(3):
         offset = (g.lead - dy * g.cols - 2) * 4 * c
         children = fine.as_strided((g.cells, 12, c), (4 * c, c, 1), offset)
         if dy == 0:
-            torch.bmm(w12[dy].view(g.cells, 1, 12), children, out=out)
+            torch.bmm(w12[2 - dy].view(g.cells, 1, 12), children, out=out)
         else:
-            out.baddbmm_(w12[dy].view(g.cells, 1, 12), children)
+            out.baddbmm_(w12[2 - dy].view(g.cells, 1, 12), children)
     grid = out.view(g.b, g.rows, g.cols, c)
     return _to_nchw(grid[:, 1 : g.h + 1, 1 : g.w + 1], channels_last)
 

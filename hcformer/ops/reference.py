@@ -20,10 +20,16 @@ def masked_logits(similarity: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     """Logits of eq. (3) from the similarities [B, 9, H, W]: cosine / (1e-8 + |s|), padding masked.
 
     The paper's Listing 1 does not mask; the authors' code does (a zero-padded candidate would
-    otherwise get logit 0 and steal probability at the image border), so we follow the code. The
-    mask value is the dtype's lowest finite number, below any real logit whatever |s| is.
+    otherwise get logit 0 and steal probability at the image border), so we follow the code. We
+    mask by position; the authors test for a similarity of exactly 0, which differs only for a
+    real candidate at exactly zero cosine. The mask value is the dtype's lowest finite number,
+    below any real logit whatever |s| is.
+    Half-precision similarities are promoted to float32 first: the assignment is then float32.
     """
-    b, _, h, w = similarity.shape
+    h, w = similarity.shape[-2:]
+    if similarity.dtype in (torch.float16, torch.bfloat16):
+        # cosine / |s| overflows half precision once |s| < 1.5e-5 (the regulariser drives s to 0)
+        similarity = similarity.float()
     logits = similarity / (EPS + scale.abs())
     outside = outside_mask(h // 2, w // 2, device=similarity.device)
     return logits.masked_fill(outside, torch.finfo(logits.dtype).min)

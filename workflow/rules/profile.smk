@@ -7,6 +7,8 @@ rule profile:
         f"{RESULTS}/profile/{{table}}.json",
     log:
         f"{RESULTS}/logs/profile/{{table}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/profile/{{table}}.tsv"
     conda:
         ENV
     threads: 1

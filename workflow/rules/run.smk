@@ -20,6 +20,8 @@ if config["batch_seeds"]:
             [f"{RESULTS}/runs/{{exp}}/seed{s}/metrics.json" for s in SEEDS],
         log:
             f"{RESULTS}/logs/run/{{exp}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/run/{{exp}}.tsv"
         conda:
             ENV
         threads: config["threads_per_run"]
@@ -49,6 +51,8 @@ else:
             f"{RESULTS}/runs/{{exp}}/seed{{seed}}/metrics.json",
         log:
             f"{RESULTS}/logs/run/{{exp}}/seed{{seed}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/run/{{exp}}/seed{{seed}}.tsv"
         conda:
             ENV
         threads: config["threads_per_run"] if LAUNCHER != "slurm" else 1
