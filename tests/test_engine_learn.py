@@ -20,7 +20,7 @@ from hcformer.engine.evaluate import evaluate
 from hcformer.engine.train import train
 
 ITERATIONS = 300
-MIOU_BAR = 25.0  # percent; one measured run of this recipe (400 images) gave 36 at 300 it
+MIOU_BAR = 25.0  # percent; measured 36.7 here (1 seed) and 36.1 with 400 images; chance ~5
 
 
 def learn_config(root: Path) -> dict:
@@ -79,20 +79,18 @@ def learn_config(root: Path) -> dict:
 
 @pytest.mark.slow
 def test_tiny_hcformer_learns_synthetic_ade20k(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        cfg = build_config(learn_config(tmp_path / "ade20k"))
-        run = tmp_path / "run"
-        info = {"exp_id": "learn", "seed": 0, "scale": "test"}
-        cpu, wall = time.process_time(), time.perf_counter()
-        result = train(cfg, run, seed=0, info=info, progress=False)
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        assert result.finished and result.iteration == ITERATIONS
-        metrics = evaluate(run)
-    finally:
-        torch.set_num_threads(threads)
+    # Threads as the environment gives them (2 on the CI machine; OMP_NUM_THREADS=1 is faster
+    # on a machine shared with other jobs).
+    cfg = build_config(learn_config(tmp_path / "ade20k"))
+    run = tmp_path / "run"
+    info = {"exp_id": "learn", "seed": 0, "scale": "test"}
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = train(cfg, run, seed=0, info=info, progress=False)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    assert result.finished and result.iteration == ITERATIONS
+    metrics = evaluate(run)
     print(
-        f"tiny learning: miou {metrics['miou']:.1f} after {ITERATIONS} it, {cpu:.0f} CPU-s, {wall:.0f} s"
+        f"tiny learning: miou {metrics['miou']:.1f} after {ITERATIONS} it, "
+        f"{cpu:.0f} CPU-s, {wall:.0f} s at {torch.get_num_threads()} threads"
     )
     assert metrics["miou"] >= MIOU_BAR, metrics

@@ -41,7 +41,7 @@ def _run_folder(results: Path, k: int) -> Path:
 def test_eight_jobs_finishing_at_once_leave_eight_runs(tmp_path):
     results = tmp_path / "smoke"
     runs = [_run_folder(results, k) for k in range(8)]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{results / 'mlflow.db'}"  # the workflow's layout: artefacts beside it
     made = subprocess.run(
         [sys.executable, str(SCRIPT), "--uri", uri], capture_output=True, text=True
     )
@@ -51,8 +51,10 @@ def test_eight_jobs_finishing_at_once_leave_eight_runs(tmp_path):
     procs = [subprocess.Popen([*cmd, str(run)], stderr=subprocess.PIPE, text=True) for run in runs]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
-    # The serial step afterwards finds nothing missing.
-    serial = subprocess.run([*cmd, str(results)], capture_output=True, text=True, timeout=300)
+    # The serial step afterwards (as rule sync_mlflow: over runs/) finds nothing missing.
+    serial = subprocess.run(
+        [*cmd, str(results / "runs")], capture_output=True, text=True, timeout=300
+    )
     assert serial.returncode == 0 and "8 present" in serial.stderr, serial.stderr
 
     from hcformer.tracking.store import client

@@ -1,6 +1,7 @@
 """MLflow and aggregation: a serial step fills MLflow from the run folders with whatever the runs
-did not log (one writer at a time: `flock`), then the medians over seeds per table cell and a CSV
-of every run."""
+did not log (one writer at a time: `flock`; only under runs/, since the store's artefacts beside
+it hold copies of config.yaml), then the medians over seeds per table cell and a CSV of every
+run."""
 
 
 rule sync_mlflow:
@@ -20,7 +21,7 @@ rule sync_mlflow:
     shell:
         "flock {input.store} hcformer sync-mlflow --results "
         + RESULTS
-        + " --uri '{params.uri}' > {log} 2>&1"
+        + "/runs --uri '{params.uri}' > {log} 2>&1"
 
 
 rule aggregate_table:
