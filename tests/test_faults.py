@@ -261,15 +261,17 @@ def test_a_truncated_last_pt_falls_back_to_the_previous_checkpoint(killed, tmp_p
     good = checkpoint_iteration(prev)
     with open(last, "r+b") as fh:  # a node died before the file system synced it
         fh.truncate(last.stat().st_size // 3)
+    truncated = last.read_bytes()
 
     argv = train_argv(run, data_of(killed), "solver.iterations=24", "tracking.enabled=false")
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
-    assert f"{last} unreadable; resuming from {prev}" in err
-    assert f"at iteration {good}" in err
+    assert f"{last} unreadable (kept as last.pt.corrupt); resuming from {prev}" in err
+    assert f"resumed from {prev} at iteration {good}" in err
     # Nothing lost afterwards: both checkpoints readable, the corrupt file not rotated into prev.
     assert checkpoint_iteration(last) == 24
     assert checkpoint_iteration(prev) < 24 and all_finite(prev)
+    assert (last.parent / "last.pt.corrupt").read_bytes() == truncated  # kept to look at
 
 
 def data_of(killed: dict) -> dict:

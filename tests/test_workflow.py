@@ -170,7 +170,10 @@ def test_paper_inputs_are_checked_before_anything_is_submitted(tmp_path):
     assert "models--timm--swin_small_patch4_window7_224" in out.stderr  # Swin-S rows need it
     assert "resnet50.tv_in1k" not in out.stderr  # present in the cache
     (tmp_path / "datasets" / "coco").mkdir(parents=True)
-    for name in ("swin_small_patch4_window7_224.ms_in1k", "swin_large_patch4_window12_384.ms_in22k"):
+    for name in (
+        "swin_small_patch4_window7_224.ms_in1k",
+        "swin_large_patch4_window12_384.ms_in22k",
+    ):
         (hub / f"models--timm--{name}").mkdir()
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import sys
 import threading
 import time
@@ -205,8 +207,17 @@ class Trainer:
             prev = path.with_name(PREV)
             if path.name == PREV or not prev.is_file():
                 raise
-            print(f"hcformer train: {path} unreadable; resuming from {prev}", file=sys.stderr)
             state = load_checkpoint(prev)
+            if self.dist.is_main:
+                # Out of the rotation (the next save would make it prev.pt), kept to look at.
+                aside = path.with_name(f"{path.name}.corrupt")
+                os.replace(path, aside)
+                print(
+                    f"hcformer train: {path} unreadable (kept as {aside.name}); resuming from "
+                    f"{prev}",
+                    file=sys.stderr,
+                )
+            path = prev
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -317,6 +328,7 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for key, value in summarize(losses).items():
                 totals[key] = totals.get(key, 0.0) + value
+        self.check_finite(it + 1, totals)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.solver.clip_grad > 0:
@@ -334,6 +346,28 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.iteration = it + 1
         return totals
+
+    def check_finite(self, iteration: int, totals: dict[str, float]) -> None:
+        """Stop before a NaN/inf loss reaches the weights (as detectron2's trainer, which the
+        authors' code runs on): nothing is saved, ``last.pt`` stays the last good checkpoint."""
+        import torch
+
+        from hcformer.engine.distributed import all_reduce_sum
+
+        bad = {k: v for k, v in totals.items() if not math.isfinite(v)}
+        flag = torch.tensor([1.0 if bad else 0.0], dtype=torch.float64, device=self.device)
+        if float(all_reduce_sum(flag)) == 0:
+            return
+        from hcformer.engine.checkpoint import latest_checkpoint
+        from hcformer.engine.runinfo import CHECKPOINTS
+
+        terms = [k for k in sorted(bad) if k != "loss"] or sorted(bad)
+        shown = ", ".join(f"{k} = {bad[k]}" for k in terms) or "on another process"
+        kept = latest_checkpoint(self.run_dir / CHECKPOINTS)
+        raise HCFormerError(
+            f"iteration {iteration}: the loss is not finite ({shown}); stopped before updating "
+            f"the weights; {f'last good checkpoint {kept} kept' if kept else 'no checkpoint yet'}"
+        )
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, *, progress: bool = True) -> TrainResult:

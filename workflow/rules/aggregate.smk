@@ -18,10 +18,10 @@ rule sync_mlflow:
         login=1,
     params:
         uri=mlflow_uri(),
+        runs=f"{RESULTS}/runs",
     shell:
-        "flock {input.store} hcformer sync-mlflow --results "
-        + RESULTS
-        + "/runs --uri '{params.uri}' > {log} 2>&1"
+        "flock {input.store} hcformer sync-mlflow --results {params.runs}"
+        + " --uri '{params.uri}' > {log} 2>&1"
 
 
 rule aggregate_table:
