@@ -63,7 +63,9 @@ class HeadConfig:
     """The segmentation head on the stride-32 features (Sec. 2.5, 4.1, App. E)."""
 
     type: HeadType = "hcformer"
-    decoder: Literal["masked", "standard"] = "masked"  # masked attention, or the DETR/MaskFormer decoder
+    decoder: Literal["masked", "standard"] = (
+        "masked"  # masked attention, or the DETR/MaskFormer decoder
+    )
     queries: int = 100
     decoder_layers: int = 8  # masked: +1 prediction from the queries; standard: 9 (Table III)
     encoder_layers: int = 0  # 6 = HCFormer+ (a DETR encoder on the stride-32 map)
@@ -104,7 +106,9 @@ class DataConfig:
     train_split: str = "train2017"
     val_split: str = "val2017"
     # Training augmentation.
-    augmentation: Literal["lsj", "scale_crop"] = "lsj"  # COCO large-scale jitter / ADE20K+Cityscapes
+    augmentation: Literal["lsj", "scale_crop"] = (
+        "lsj"  # COCO large-scale jitter / ADE20K+Cityscapes
+    )
     lsj_size: int = 1024
     scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
     crop: list[int] = field(default_factory=lambda: [1024, 1024])  # H, W
@@ -218,7 +222,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}"
+        )
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -275,7 +281,9 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             also = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {full!r}{also} valid keys of {where}: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown key {full!r}{also} valid keys of {where}: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 

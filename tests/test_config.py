@@ -31,7 +31,12 @@ def test_dotted_overrides_reach_nested_keys():
         merge({"model": {"head": {"queries": 50}}}, parse_overrides(["model.head.queries=20"]))
     )
     assert cfg.model.head.queries == 20
-    assert build_config({"model.backbone.depths": [1, 1, 1, 1]}).model.backbone.depths == [1, 1, 1, 1]
+    assert build_config({"model.backbone.depths": [1, 1, 1, 1]}).model.backbone.depths == [
+        1,
+        1,
+        1,
+        1,
+    ]
 
 
 def test_unknown_key_names_the_key_and_the_valid_ones():
@@ -80,5 +85,7 @@ def test_missing_or_bad_file_is_named(tmp_path):
         load_config(bad)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("model:\n  head:\n    decoder_layerz: 3\n")
-    with pytest.raises(ConfigError, match=r"wrong\.yaml: unknown key 'model\.head\.decoder_layerz'"):
+    with pytest.raises(
+        ConfigError, match=r"wrong\.yaml: unknown key 'model\.head\.decoder_layerz'"
+    ):
         load_config(wrong)

@@ -84,7 +84,10 @@ def test_paper_protocol_values():
     city = exps["cityscapes/hcformer-r50-L3-D9-Q100"].config
     assert city.model.head.decoder_layers == 9 and city.data.crop == [512, 1024]
     assert exps["cityscapes/hcformer-r50-L3-D9-Q100-plus"].config.solver.iterations == 180000
-    assert exps["coco_panoptic/hcformer-r50-L3-D9-Q100-plus-std"].config.model.head.decoder == "standard"
+    assert (
+        exps["coco_panoptic/hcformer-r50-L3-D9-Q100-plus-std"].config.model.head.decoder
+        == "standard"
+    )
 
 
 def test_ids_readable_unique_and_content_derived():

@@ -137,3 +137,19 @@ def test_sync_rejects_missing_folder(tmp_path):
 
     with pytest.raises(HCFormerError, match="no such folder"):
         sync_main(["--results", str(tmp_path / "nope")])
+
+
+def test_run_folders_skip_checkpoints_and_mlflow_artefact_copies(tmp_path):
+    """sync must not turn MLflow's artefact copies of config.yaml into runs of their own."""
+    from hcformer.tracking.sync import run_folders
+
+    run = tmp_path / "runs" / "ade20k" / "hcformer-r50-L3-D8-Q100" / "seed0"
+    copies = [
+        run / "checkpoints",
+        tmp_path / "mlartifacts" / "1" / "abc" / "artifacts",
+        tmp_path / "mlruns" / "1" / "abc" / "artifacts",
+    ]
+    for folder in [run, *copies]:
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("{}\n")
+    assert list(run_folders(tmp_path)) == [run]

@@ -33,10 +33,15 @@ from hcformer.tracking.tracker import RUN_INFO, RunTracker
 ERROR_MARKERS = ("error.txt", "FAILED")
 
 
+# Folders that hold copies of a run's files, not runs: checkpoints, and the artefact stores
+# MLflow keeps beside its database (a copy of config.yaml is logged with every run).
+_NOT_RUNS = {"checkpoints", "mlartifacts", "mlruns"}
+
+
 def run_folders(results: Path) -> Iterator[Path]:
-    """Every folder under ``results`` that holds a ``config.yaml`` (sorted)."""
+    """Every run folder under ``results``: one that holds a ``config.yaml`` (sorted)."""
     for config in sorted(results.rglob("config.yaml")):
-        if "checkpoints" not in config.parts:
+        if _NOT_RUNS.isdisjoint(config.relative_to(results).parts):
             yield config.parent
 
 
