@@ -292,10 +292,13 @@ def test_slurm_options_take_the_experiments_resources():
 
 def test_the_waiting_process_imports_no_torch():
     code = (
-        "import sys, resource\n"
+        "import sys\n"
         "from hcformer.launch import run, executors, job, runfolder\n"
         "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, 'heavy import'\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        # VmHWM: this process's own peak. ru_maxrss would also count the forked copy of the
+        # (torch-laden) pytest process that existed before exec.
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "print(hwm.split()[1])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
