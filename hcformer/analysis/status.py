@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hcformer.errors import HCFormerError
+from hcformer.launch.runfolder import pid_alive
 
 STATES = ("done", "running", "failed", "not_started")
 ERROR_MARKERS = ("error.txt", "FAILED")
@@ -90,22 +91,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _pid_alive(pid: Any) -> bool:
     try:
-        pid = int(pid)
+        return pid_alive(int(pid))
     except (TypeError, ValueError):
         return False
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def last_line(path: Path, max_bytes: int = 65536) -> str:
