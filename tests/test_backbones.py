@@ -239,6 +239,47 @@ def test_dcn_offsets_move_the_sampling_points():
     torch.testing.assert_close(dcn(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("shape", "k", "stride", "pad", "dilation"),
+    [
+        ((2, 3, 7, 9), 3, 2, 1, 1),
+        ((2, 3, 7, 9), 1, 2, 0, 1),
+        ((1, 2, 5, 1), 3, 1, 1, 1),
+        ((2, 4, 11, 8), 3, 1, 2, 2),
+    ],
+)
+def test_cpu_deform_conv_equals_torchvision(shape, k, stride, pad, dilation):
+    """The grid_sample formulation used on CPUs equals ``torchvision.ops.deform_conv2d`` in
+    float64, values and all five gradients, with offsets large enough to leave the image."""
+    from torchvision.ops import deform_conv2d
+
+    from hcformer.models.dcn import sampled_deform_conv2d
+
+    g = torch.Generator().manual_seed(0)
+    b, c, h, w = shape
+    h_out = (h + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    w_out = (w + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    x, weight, bias = rand(b, c, h, w), rand(5, c, k, k), rand(5)
+    offset = rand(b, 2 * k * k, h_out, w_out, scale=3.0)
+    mask = torch.rand(b, k * k, h_out, w_out, generator=g, dtype=torch.float64).requires_grad_()
+    kwargs = {"stride": stride, "padding": pad, "dilation": dilation, "mask": mask}
+    ours = sampled_deform_conv2d(x, offset, weight, bias, **kwargs)
+    ref = deform_conv2d(x, offset, weight, bias, **kwargs)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    inputs = [x, offset, weight, bias, mask]
+    for a, r in zip(
+        torch.autograd.grad(ours, inputs, upstream),
+        torch.autograd.grad(ref, inputs, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
 def test_output_stride_8_dilates_layer3_and_layer4():
     cfg = tiny("resnet50", hierarchy_level=0, output_stride=8, depths=[1, 1, 2, 2])
     bb = build_backbone(cfg).eval()
