@@ -291,6 +291,35 @@ def test_fast_path_gradients_when_only_some_inputs_require_grad():
     torch.testing.assert_close(got[1], expected[1])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_decode_backward_with_channel_sparse_gradient(layout, monkeypatch):
+    """A mask loss on a few matched queries leaves most channels without gradient; the fast
+    backward then works on each image's live channels only: gradients equal the reference's."""
+    feat, coarse = _features(3, 4, 3, 5, seed=8)
+    a = reference.clustering(feat, coarse, torch.tensor(0.4, dtype=torch.float64))
+    x = torch.randn(3, 10, 3, 5, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    upstream = torch.zeros(3, 10, 6, 10, dtype=torch.float64)
+    upstream[0, [1, 7]] = torch.randn(2, 6, 10, dtype=torch.float64)  # image 0: 2 channels
+    upstream[2, 4, 2:4, 5] = 1.5  # image 2: a few pixels of one channel; image 1: nothing
+    calls = []
+    sparse = fast._live_channels_backward
+    monkeypatch.setattr(
+        fast, "_live_channels_backward", lambda *args: calls.append(1) or sparse(*args)
+    )
+
+    def grads(impl):
+        x_, a_ = x.clone().requires_grad_(True), a.clone().requires_grad_(True)
+        return torch.autograd.grad(impl.decode(x_, a_), [x_, a_], upstream)
+
+    got, expected = grads(fast), grads(reference)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    assert calls == [1]  # the live-channel path ran (3 of 30 channels live)
+    assert not got[0][1].any() and not got[1][1].any()
+
+
 def test_fast_path_under_cpu_autocast():
     feat, coarse = _features(1, 16, 4, 6, dtype=torch.float32, seed=7)
     x = torch.randn(1, 8, 4, 6)

@@ -271,6 +271,22 @@ def local_decode_backward(
 
     d x has the memory format of x; a gradient not needed is an empty tensor.
     """
+    live = grad.flatten(2).ne(0).any(-1)  # [B, C]: channels that receive any gradient
+    if grad.shape[0] * grad.shape[1] > 0 and live.float().mean() < SPARSE_BACKWARD_BELOW:
+        return _live_channels_backward(grad, x, weights, live, need_x, need_weights)
+    return _dense_backward(grad, x, weights, need_x, need_weights)
+
+
+# Mask losses read only the matched queries' masks: in training most channels of the decoded
+# masks get no gradient. Channels never mix in eq. (5), so a channel without gradient adds
+# nothing to d weights and has d x = 0: below this fraction of live channels the backward runs
+# on each image's live channels only (the same sums, without the zero terms).
+SPARSE_BACKWARD_BELOW = 0.5
+
+
+def _dense_backward(
+    grad: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, need_x: bool, need_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     g, c = _fine_grid_of(weights), x.shape[1]
     d_x, d_w = x.new_empty(0), weights.new_empty(0)
     with _no_autocast(x):
@@ -279,6 +295,35 @@ def local_decode_backward(
             d_x = _scatter(gg, _fine_to_grid(weights, g), g, c, _channels_last(x))
         if need_weights:
             d_w = _similarity(gg, _coarse_to_grid(x, g), g, c)
+    return d_x, d_w
+
+
+def _live_channels_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    live: torch.Tensor,
+    need_x: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_dense_backward`` image by image on the channels in ``live`` [B, C]; zero elsewhere."""
+    d_x = torch.zeros_like(x) if need_x else x.new_empty(0)
+    d_w = torch.zeros_like(weights) if need_weights else weights.new_empty(0)
+    for b in range(grad.shape[0]):
+        idx = live[b].nonzero()[:, 0]
+        if idx.numel() == 0:
+            continue
+        dx_b, dw_b = _dense_backward(
+            grad[b : b + 1, idx].contiguous(),
+            x[b : b + 1, idx].contiguous(),
+            weights[b : b + 1],
+            need_x,
+            need_weights,
+        )
+        if need_x:
+            d_x[b, idx] = dx_b[0]
+        if need_weights:
+            d_w[b] = dw_b[0]
     return d_x, d_w
 
 
