@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from hcformer.config import build_config
 from hcformer.losses import (
@@ -132,6 +133,28 @@ def test_matcher_equals_brute_force(seed):
     )
     assert sum(float(cost[r, c]) for r, c in zip(rows, cols)) == pytest.approx(best, rel=1e-6)
     assert sorted(cols.tolist()) == list(range(n))
+
+
+def test_matcher_batch_equals_image_by_image():
+    """The batched forward (one sampling pass for all images) draws each image's points from
+    its own generator and gives each image the assignment of its own cost matrix; an image
+    without targets gets empty indices and draws nothing."""
+    torch.manual_seed(0)
+    q, k = 6, 4
+    logits, masks = torch.randn(3, q, k + 1), torch.randn(3, q, 8, 8)
+    targets = [
+        {"labels": torch.randint(0, k, (n,)), "masks": torch.rand(n, 32, 32) > 0.5}
+        for n in (3, 0, 5)
+    ]
+    matcher = HungarianMatcher(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, num_points=64)
+    got = matcher(logits, masks, targets, gens(3))
+    assert [len(r) for r, _ in got] == [3, 0, 5]
+    for b in (0, 2):
+        cost = matcher.cost_matrix(
+            logits[b], masks[b], targets[b]["labels"], targets[b]["masks"], generator=gens(3)[b]
+        )
+        rows, cols = linear_sum_assignment(cost.numpy())
+        assert got[b][0].tolist() == rows.tolist() and got[b][1].tolist() == cols.tolist()
 
 
 def blocky_target():

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hcformer.losses.matcher import HungarianMatcher
-from hcformer.losses.point_sampling import importance_points, point_sample
+from hcformer.losses.point_sampling import importance_draws, importance_points, point_sample
 
 PER_PIXEL_HEADS = ("fcn32s", "fpn", "pspnet", "deeplabv3")
 
@@ -160,26 +160,39 @@ class SetCriterion(nn.Module):
         generators: list[torch.Generator],
         norm: LossNorm,
     ) -> tuple[Tensor, Tensor]:
-        logits, labels = [], []
-        for b, (src, tgt) in enumerate(indices):
-            if src.numel() == 0:
-                continue
-            src_masks = masks[b, src.to(masks.device)][:, None].float()  # [n, 1, h, w]
-            tgt_masks = targets[b]["masks"][tgt.to(masks.device)][:, None]
-            coords = importance_points(
-                src_masks.detach(),
+        # The matched masks and their targets of all images at once (indexing image by image
+        # would make backward write a zero tensor of the whole batch per image); the points of
+        # each image come from its own generator.
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
+        if batch_idx.numel() == 0:
+            zero = masks.sum() * 0.0
+            return zero, zero
+        src_idx = torch.cat([src for src, _ in indices])
+        src_masks = masks[batch_idx.to(masks.device), src_idx.to(masks.device)][:, None].float()
+        tgt_masks = torch.cat(
+            [targets[b]["masks"][tgt.to(masks.device)] for b, (_, tgt) in enumerate(indices)]
+        )[:, None]
+        draws = [
+            importance_draws(
+                len(src),
                 num_points=self.num_points,
                 oversample_ratio=self.oversample_ratio,
                 importance_sample_ratio=self.importance_sample_ratio,
                 generator=generators[b],
+                device=masks.device,
             )
-            with torch.no_grad():
-                labels.append(point_sample(tgt_masks, coords)[:, 0])
-            logits.append(point_sample(src_masks, coords)[:, 0])
-        if not logits:
-            zero = masks.sum() * 0.0
-            return zero, zero
-        logits_t, labels_t = torch.cat(logits), torch.cat(labels)
+            for b, (src, _) in enumerate(indices)
+        ]
+        coords = importance_points(
+            src_masks.detach(),
+            num_points=self.num_points,
+            oversample_ratio=self.oversample_ratio,
+            importance_sample_ratio=self.importance_sample_ratio,
+            draws=(torch.cat([c for c, _ in draws]), torch.cat([e for _, e in draws])),
+        )
+        with torch.no_grad():
+            labels_t = point_sample(tgt_masks, coords)[:, 0]
+        logits_t = point_sample(src_masks, coords)[:, 0]
         bce = F.binary_cross_entropy_with_logits(logits_t, labels_t, reduction="none").mean(1)
         probs = logits_t.sigmoid()
         numerator = 2 * (probs * labels_t).sum(-1)

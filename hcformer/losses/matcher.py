@@ -73,14 +73,16 @@ class HungarianMatcher(nn.Module):
           masks: ``[N, H, W]`` target masks (full resolution; sampled at the same points).
           generator: the source of the shared uniform points.
         """
-        probs = pred_logits.float().softmax(-1)
-        cost_class = -probs[:, labels]
         coords = uniform_points(1, self.num_points, generator=generator, device=pred_masks.device)
         # One sampling pass with the queries (targets) as channels: the points are shared.
         out = point_sample(pred_masks[None].float(), coords)[0]  # [Q, P]
         tgt = point_sample(masks[None].float(), coords)[0]  # [N, P]
+        return self._cost(pred_logits.float().softmax(-1), out, labels, tgt)
+
+    def _cost(self, probs: Tensor, out: Tensor, labels: Tensor, tgt: Tensor) -> Tensor:
+        """``[Q, N]`` from class probabilities ``[Q, K+1]`` and point logits/targets."""
         return (
-            self.class_weight * cost_class
+            self.class_weight * -probs[:, labels]
             + self.mask_weight * pairwise_sigmoid_ce(out, tgt)
             + self.dice_weight * pairwise_dice(out, tgt)
         )
@@ -100,18 +102,34 @@ class HungarianMatcher(nn.Module):
           targets: per image ``{"labels": [N], "masks": [N, H, W]}``.
           generators: one per image.
         """
-        out = []
-        for b, target in enumerate(targets):
-            labels = target["labels"]
-            if labels.numel() == 0:
+        # The images' points are drawn one by one from their generators (what cost_matrix
+        # draws), then every image and target is sampled in one pass.
+        live = [b for b, t in enumerate(targets) if t["labels"].numel()]
+        costs: dict[int, Tensor] = {}
+        if live:
+            device = pred_masks.device
+            coords = torch.cat(
+                [
+                    uniform_points(1, self.num_points, generator=generators[b], device=device)
+                    for b in live
+                ]
+            )  # [L, P, 2]
+            out = point_sample(pred_masks[live].float(), coords)  # [L, Q, P]
+            counts = [len(targets[b]["labels"]) for b in live]
+            tgt_masks = torch.cat([targets[b]["masks"] for b in live])[:, None].float()
+            tgt_coords = coords.repeat_interleave(torch.tensor(counts, device=device), dim=0)
+            tgt = point_sample(tgt_masks, tgt_coords)[:, 0].split(counts)  # [N_b, P] each
+            probs = pred_logits[live].float().softmax(-1)
+            for i, b in enumerate(live):
+                costs[b] = self._cost(probs[i], out[i], targets[b]["labels"], tgt[i])
+        result = []
+        for b in range(len(targets)):
+            if b not in costs:
                 empty = torch.zeros(0, dtype=torch.int64)
-                out.append((empty, empty.clone()))
+                result.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(
-                pred_logits[b], pred_masks[b], labels, target["masks"], generator=generators[b]
-            )
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            out.append(
+            rows, cols = linear_sum_assignment(costs[b].cpu().numpy())
+            result.append(
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
             )
-        return out
+        return result

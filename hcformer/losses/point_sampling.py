@@ -43,7 +43,8 @@ def importance_points(
     num_points: int,
     oversample_ratio: float,
     importance_sample_ratio: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    draws: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Points where the mask logits are most uncertain, plus uniform ones (PointRend).
 
@@ -53,21 +54,46 @@ def importance_points(
       oversample_ratio: candidates drawn = ``int(num_points * oversample_ratio)``.
       importance_sample_ratio: fraction of the points taken as the most uncertain candidates
         (uncertainty = -|logit|); the rest are fresh uniform points.
-      generator: the source of every random draw.
+      generator: the source of every random draw; or
+      draws: the ``(candidates, extra)`` of :func:`importance_draws`, drawn beforehand (the
+        criterion draws per image from each image's generator and samples the batch at once).
 
     Returns ``[N, num_points, 2]`` points in [0, 1]^2.
     """
-    n = logits.shape[0]
+    if draws is None:
+        if generator is None:
+            raise ValueError("importance_points: give a generator or the draws")
+        draws = importance_draws(
+            logits.shape[0],
+            num_points=num_points,
+            oversample_ratio=oversample_ratio,
+            importance_sample_ratio=importance_sample_ratio,
+            generator=generator,
+            device=logits.device,
+        )
+    candidates, extra = draws
+    uncertainty = -point_sample(logits, candidates).abs()[:, 0, :]  # [N, S]
+    top = torch.topk(uncertainty, k=num_points - extra.shape[1], dim=1).indices  # [N, k]
+    chosen = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
+    return torch.cat([chosen, extra], dim=1) if extra.shape[1] else chosen
+
+
+def importance_draws(
+    n: int,
+    *,
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+    generator: torch.Generator,
+    device,
+) -> tuple[Tensor, Tensor]:
+    """The random part of :func:`importance_points` for ``n`` maps: ``int(num_points *
+    oversample_ratio)`` uniform candidates each, then the uniform points that fill the
+    ``num_points - int(importance_sample_ratio * num_points)`` places left (in that order)."""
     num_sampled = int(num_points * oversample_ratio)
     if num_sampled < num_points:
         raise ValueError(f"oversample_ratio {oversample_ratio} must be >= 1")
-    candidates = uniform_points(n, num_sampled, generator=generator, device=logits.device)
-    uncertainty = -point_sample(logits, candidates).abs()[:, 0, :]  # [N, S]
-    num_uncertain = int(importance_sample_ratio * num_points)
-    num_random = num_points - num_uncertain
-    top = torch.topk(uncertainty, k=num_uncertain, dim=1).indices  # [N, k]
-    chosen = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
-    if num_random > 0:
-        extra = uniform_points(n, num_random, generator=generator, device=logits.device)
-        chosen = torch.cat([chosen, extra], dim=1)
-    return chosen
+    num_random = num_points - int(importance_sample_ratio * num_points)
+    candidates = uniform_points(n, num_sampled, generator=generator, device=device)
+    extra = uniform_points(n, num_random, generator=generator, device=device)
+    return candidates, extra
