@@ -31,6 +31,10 @@ def test_dotted_overrides_reach_nested_keys():
         merge({"model": {"head": {"queries": 50}}}, parse_overrides(["model.head.queries=20"]))
     )
     assert cfg.model.head.queries == 20
+    # YAML 1.1 reads "2e-3" as a string: a float key takes it as the number it means.
+    assert build_config(parse_overrides(["solver.lr=2e-3"])).solver.lr == 0.002
+    with pytest.raises(ConfigError, match=r"solver\.lr: expected a number, got 'fast'"):
+        build_config(parse_overrides(["solver.lr=fast"]))
     assert build_config({"model.backbone.depths": [1, 1, 1, 1]}).model.backbone.depths == [
         1,
         1,
