@@ -102,7 +102,7 @@ class Row:
     runs: tuple[Run, ...] = ()
     quoted: bool = False  # quoted from another paper; with ``runs`` we ALSO train our own
     source: str = ""
-    requires: str = ""  # "baselines": needs a head type helper G provides (MaskFormer, per-pixel)
+    requires: str = ""  # "baselines": trains a baseline (MaskFormer, per-pixel); skip_requires
 
     @property
     def experiment_ids(self) -> list[str]:
