@@ -196,8 +196,8 @@ def test_tiny_and_smoke_schedules():
     tiny = ex.all_experiments("tiny")
     smoke = ex.all_experiments("smoke")
     base = "coco_panoptic/hcformer-r50-L3-D8-Q100"
-    assert tiny[base].config.solver.iterations == 1200
-    assert tiny[base + "-plus"].config.solver.iterations == 2400  # HCFormer+ trains twice as long
+    assert tiny[base].config.solver.iterations == 300
+    assert tiny[base + "-plus"].config.solver.iterations == 600  # HCFormer+ trains twice as long
     assert {e.config.solver.iterations for e in smoke.values()} == {6}
     # smoke extends tiny: same models and data.
     assert to_dict(smoke[base].config)["model"] == to_dict(tiny[base].config)["model"]
@@ -255,7 +255,7 @@ def test_cli_json_and_table(capsys: pytest.CaptureFixture[str]):
     assert ex.main(["--table", "table5", "--scale", "tiny", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [d["id"] for d in data] == [f"coco_panoptic/hcformer-r50-L{k}-D8-Q100" for k in range(4)]
-    assert data[0]["config"]["solver"]["iterations"] == 1200
+    assert data[0]["config"]["solver"]["iterations"] == 300
     assert ["table5", "HCFormer R50 L0"] in data[0]["rows"]
     assert ex.main(["--table", "tableII"]) == 0
     out = capsys.readouterr().out

@@ -179,13 +179,20 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 # A node dies mid-run; meanwhile the same run is submitted twice.
 
 
+# Long enough that the killed run is still going after its second checkpoint and the second
+# submission, with the CPU fast paths (about 0.1-0.3 s an iteration here).
+KILLED_ITERATIONS = 48
+
+
 @pytest.fixture(scope="module")
 def killed(data, tmp_path_factory) -> dict:
     """``hcformer run`` killed with SIGKILL after its second checkpoint (a dead node: its lock
     and job.json stay). While it ran, a second ``hcformer run`` of the same folder was tried."""
     results = tmp_path_factory.mktemp("killed") / "results" / "smoke"
     run = run_dir_of(results)
-    argv = run_argv(results, data, "solver.iterations=24", "tracking.enabled=false")
+    argv = run_argv(
+        results, data, f"solver.iterations={KILLED_ITERATIONS}", "tracking.enabled=false"
+    )
     first = subprocess.Popen(
         [str(BIN / "hcformer"), *argv], env=env(), stderr=subprocess.PIPE, text=True
     )
@@ -246,7 +253,7 @@ def test_a_stale_lock_of_a_dead_node_is_taken_over_and_the_run_resumes(killed, t
     assert f"at iteration {resumed_from}" in err  # resumed, not restarted
     assert json.loads((run / "metrics.json").read_text())
     logged = [json.loads(x)["iteration"] for x in (run / "train_log.jsonl").open()]
-    assert logged == list(range(1, 25))  # each iteration once: the log replays the resume
+    assert logged == list(range(1, KILLED_ITERATIONS + 1))  # each iteration once: the log replays
     assert not (run / ".lock").exists()
 
 
@@ -263,14 +270,16 @@ def test_a_truncated_last_pt_falls_back_to_the_previous_checkpoint(killed, tmp_p
         fh.truncate(last.stat().st_size // 3)
     truncated = last.read_bytes()
 
-    argv = train_argv(run, data_of(killed), "solver.iterations=24", "tracking.enabled=false")
+    argv = train_argv(
+        run, data_of(killed), f"solver.iterations={KILLED_ITERATIONS}", "tracking.enabled=false"
+    )
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert f"{last} unreadable (kept as last.pt.corrupt); resuming from {prev}" in err
     assert f"resumed from {prev} at iteration {good}" in err
     # Nothing lost afterwards: both checkpoints readable, the corrupt file not rotated into prev.
-    assert checkpoint_iteration(last) == 24
-    assert checkpoint_iteration(prev) < 24 and all_finite(prev)
+    assert checkpoint_iteration(last) == KILLED_ITERATIONS
+    assert checkpoint_iteration(prev) < KILLED_ITERATIONS and all_finite(prev)
     assert (last.parent / "last.pt.corrupt").read_bytes() == truncated  # kept to look at
 
 
@@ -293,7 +302,9 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(killed, tmp_path
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    argv = train_argv(run, data_of(killed), "solver.iterations=24", "tracking.enabled=false")
+    argv = train_argv(
+        run, data_of(killed), f"solver.iterations={KILLED_ITERATIONS}", "tracking.enabled=false"
+    )
     out = subprocess.run(
         [str(BIN / "hcformer"), *argv],
         env=env(),

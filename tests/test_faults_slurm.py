@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EXP = "ade20k/hcformer-r50-L3-D8-Q100"
-ITERATIONS = 24
+ITERATIONS = 48  # long enough that scancel lands before the end, fast paths and all
 
 
 def _slurm_up() -> bool:

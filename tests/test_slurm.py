@@ -172,7 +172,8 @@ def test_a_table_at_smoke_scale_through_sbatch_and_a_real_requeue(tmp_path):
         assert (run / "jobs" / f"{job['job_id']}_submission.sh").exists()  # an sbatch script
     assert (workdir / "results" / "smoke" / "tables" / "table5.tex").exists()
 
-    # A run made long enough to be requeued after its first checkpoint.
+    # A run made long enough to be requeued after its first checkpoint (48 iterations: several
+    # seconds even with the CPU fast paths, while the requeue lands within about one).
     run = (
         workdir
         / "results"
@@ -184,7 +185,7 @@ def test_a_table_at_smoke_scale_through_sbatch_and_a_real_requeue(tmp_path):
     )
     cmd = [str(BIN / "hcformer"), "run", "--experiment", "coco_panoptic/hcformer-r50-L3-D8-Q100"]
     cmd += ["--scale", "smoke", "--seed", "1", "--results", str(workdir / "results" / "smoke")]
-    cmd += ["--launcher", "slurm", "--poll-s", "1", "--set", "solver.iterations=16"]
+    cmd += ["--launcher", "slurm", "--poll-s", "1", "--set", "solver.iterations=48"]
     cmd += ["--set", "solver.checkpoint_every=2", "--set", "tracking.enabled=false"]
     waiter = subprocess.Popen(cmd, cwd=workdir, env=_env(), stderr=subprocess.PIPE, text=True)
     _requeue_once(run, waiter, run / "checkpoints" / "last.pt")
@@ -195,5 +196,5 @@ def test_a_table_at_smoke_scale_through_sbatch_and_a_real_requeue(tmp_path):
     log = (run / "jobs" / f"{job['job_id']}_0_log.err").read_text()
     assert "resumed from" in log and "last.pt at iteration" in log  # not from scratch
     steps = [json.loads(x).get("iteration") for x in (run / "train_log.jsonl").open()]
-    assert steps == list(range(2, 17, 2))  # the resumed log replays, nothing twice
-    assert json.loads((run / "metrics.json").read_text())["iterations"] == 16
+    assert steps == list(range(2, 49, 2))  # the resumed log replays, nothing twice
+    assert json.loads((run / "metrics.json").read_text())["iterations"] == 48
