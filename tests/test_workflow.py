@@ -24,11 +24,26 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+WORK: Path | None = None  # the fresh folder the dry runs run in (``_fresh_workdir``)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_workdir(tmp_path_factory: pytest.TempPathFactory):
+    """Dry runs in a fresh folder holding only the workflow's entry points: outputs a user
+    already made in the checkout (results/, datasets/) would make them 'nothing to be done'."""
+    global WORK
+    WORK = tmp_path_factory.mktemp("workflow")
+    for name in ("Snakefile", "workflow", "environment.yml", "slurm"):
+        os.symlink(ROOT / name, WORK / name)
+    yield
+    WORK = None
+
+
+def snakemake(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(
         [str(BIN / "snakemake"), *args],
-        cwd=cwd,
+        cwd=cwd or WORK,
         capture_output=True,
         text=True,
         timeout=300,
