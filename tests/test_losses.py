@@ -23,7 +23,7 @@ from hcformer.losses import (
     point_sample,
     summarize,
 )
-from hcformer.losses.point_sampling import importance_points
+from hcformer.losses.point_sampling import importance_draws, importance_points
 
 torch.set_num_threads(1)
 
@@ -63,23 +63,16 @@ def test_point_sample_hits_pixel_centres_exactly():
 def test_importance_points_prefer_uncertain_region():
     logits = torch.full((1, 1, 32, 32), 10.0)
     logits[..., :, 16:] = 0.0  # right half maximally uncertain
-    pts = importance_points(
-        logits,
-        num_points=200,
-        oversample_ratio=3.0,
-        importance_sample_ratio=0.75,
-        generator=gens(1)[0],
-    )
+
+    def points(generator: torch.Generator) -> torch.Tensor:
+        ratios = {"oversample_ratio": 3.0, "importance_sample_ratio": 0.75}
+        draws = importance_draws(1, num_points=200, generator=generator, device="cpu", **ratios)
+        return importance_points(logits, draws, num_points=200)
+
+    pts = points(gens(1)[0])
     assert pts.shape == (1, 200, 2)
     assert (pts[0, :150, 0] >= 0.5 - 1 / 64).all()  # the 150 most uncertain lie on the right half
-    again = importance_points(
-        logits,
-        num_points=200,
-        oversample_ratio=3.0,
-        importance_sample_ratio=0.75,
-        generator=gens(1)[0],
-    )
-    assert torch.equal(pts, again)  # keyed by the generator only
+    assert torch.equal(pts, points(gens(1)[0]))  # keyed by the generator only
 
 
 def test_pairwise_costs_match_per_pair_definitions():

@@ -185,10 +185,8 @@ class SetCriterion(nn.Module):
         ]
         coords = importance_points(
             src_masks.detach(),
+            (torch.cat([c for c, _ in draws]), torch.cat([e for _, e in draws])),
             num_points=self.num_points,
-            oversample_ratio=self.oversample_ratio,
-            importance_sample_ratio=self.importance_sample_ratio,
-            draws=(torch.cat([c for c, _ in draws]), torch.cat([e for _, e in draws])),
         )
         with torch.no_grad():
             labels_t = point_sample(tgt_masks, coords)[:, 0]

@@ -64,7 +64,7 @@ class HungarianMatcher(nn.Module):
         *,
         generator: torch.Generator,
     ) -> Tensor:
-        """The ``[Q, N]`` cost of one image.
+        """The ``[Q, N]`` cost of one image (:meth:`cost_matrices` of a batch of one).
 
         Arguments:
           pred_logits: ``[Q, K+1]`` class logits (the last class is "no object").
@@ -73,19 +73,48 @@ class HungarianMatcher(nn.Module):
           masks: ``[N, H, W]`` target masks (full resolution; sampled at the same points).
           generator: the source of the shared uniform points.
         """
-        coords = uniform_points(1, self.num_points, generator=generator, device=pred_masks.device)
-        # One sampling pass with the queries (targets) as channels: the points are shared.
-        out = point_sample(pred_masks[None].float(), coords)[0]  # [Q, P]
-        tgt = point_sample(masks[None].float(), coords)[0]  # [N, P]
-        return self._cost(pred_logits.float().softmax(-1), out, labels, tgt)
+        target = {"labels": labels, "masks": masks}
+        (cost,) = self.cost_matrices(pred_logits[None], pred_masks[None], [target], [generator])
+        return cost
 
-    def _cost(self, probs: Tensor, out: Tensor, labels: Tensor, tgt: Tensor) -> Tensor:
-        """``[Q, N]`` from class probabilities ``[Q, K+1]`` and point logits/targets."""
-        return (
-            self.class_weight * -probs[:, labels]
-            + self.mask_weight * pairwise_sigmoid_ce(out, tgt)
-            + self.dice_weight * pairwise_dice(out, tgt)
-        )
+    @torch.no_grad()
+    def cost_matrices(
+        self,
+        pred_logits: Tensor,
+        pred_masks: Tensor,
+        targets: list[dict[str, Tensor]],
+        generators: list[torch.Generator],
+    ) -> list[Tensor | None]:
+        """Per image, the ``[Q, N]`` cost (``None`` for an image without targets).
+
+        Each image with targets draws ``num_points`` uniform points from its own generator,
+        shared by its queries and targets; then every image and target is sampled in one pass.
+        """
+        live = [b for b, t in enumerate(targets) if t["labels"].numel()]
+        costs: list[Tensor | None] = [None] * len(targets)
+        if not live:
+            return costs
+        device = pred_masks.device
+        coords = torch.cat(
+            [
+                uniform_points(1, self.num_points, generator=generators[b], device=device)
+                for b in live
+            ]
+        )  # [L, P, 2]
+        out = point_sample(pred_masks[live].float(), coords)  # [L, Q, P]
+        counts = [len(targets[b]["labels"]) for b in live]
+        tgt_masks = torch.cat([targets[b]["masks"] for b in live])[:, None].float()
+        tgt_coords = coords.repeat_interleave(torch.tensor(counts, device=device), dim=0)
+        tgt = point_sample(tgt_masks, tgt_coords)[:, 0].split(counts)  # [N_b, P] each
+        probs = pred_logits[live].float().softmax(-1)
+        for i, b in enumerate(live):
+            labels = targets[b]["labels"]
+            costs[b] = (
+                self.class_weight * -probs[i][:, labels]
+                + self.mask_weight * pairwise_sigmoid_ce(out[i], tgt[i])
+                + self.dice_weight * pairwise_dice(out[i], tgt[i])
+            )
+        return costs
 
     @torch.no_grad()
     def forward(
@@ -102,33 +131,13 @@ class HungarianMatcher(nn.Module):
           targets: per image ``{"labels": [N], "masks": [N, H, W]}``.
           generators: one per image.
         """
-        # The images' points are drawn one by one from their generators (what cost_matrix
-        # draws), then every image and target is sampled in one pass.
-        live = [b for b, t in enumerate(targets) if t["labels"].numel()]
-        costs: dict[int, Tensor] = {}
-        if live:
-            device = pred_masks.device
-            coords = torch.cat(
-                [
-                    uniform_points(1, self.num_points, generator=generators[b], device=device)
-                    for b in live
-                ]
-            )  # [L, P, 2]
-            out = point_sample(pred_masks[live].float(), coords)  # [L, Q, P]
-            counts = [len(targets[b]["labels"]) for b in live]
-            tgt_masks = torch.cat([targets[b]["masks"] for b in live])[:, None].float()
-            tgt_coords = coords.repeat_interleave(torch.tensor(counts, device=device), dim=0)
-            tgt = point_sample(tgt_masks, tgt_coords)[:, 0].split(counts)  # [N_b, P] each
-            probs = pred_logits[live].float().softmax(-1)
-            for i, b in enumerate(live):
-                costs[b] = self._cost(probs[i], out[i], targets[b]["labels"], tgt[i])
         result = []
-        for b in range(len(targets)):
-            if b not in costs:
+        for cost in self.cost_matrices(pred_logits, pred_masks, targets, generators):
+            if cost is None:
                 empty = torch.zeros(0, dtype=torch.int64)
                 result.append((empty, empty.clone()))
                 continue
-            rows, cols = linear_sum_assignment(costs[b].cpu().numpy())
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
             result.append(
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
             )

@@ -37,40 +37,19 @@ def uniform_points(n: int, num_points: int, *, generator: torch.Generator, devic
 
 
 @torch.no_grad()
-def importance_points(
-    logits: Tensor,
-    *,
-    num_points: int,
-    oversample_ratio: float,
-    importance_sample_ratio: float,
-    generator: torch.Generator | None = None,
-    draws: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
+def importance_points(logits: Tensor, draws: tuple[Tensor, Tensor], *, num_points: int) -> Tensor:
     """Points where the mask logits are most uncertain, plus uniform ones (PointRend).
 
     Arguments:
       logits: ``[N, 1, H, W]`` mask logits (one map per matched prediction).
-      num_points: points per map.
-      oversample_ratio: candidates drawn = ``int(num_points * oversample_ratio)``.
-      importance_sample_ratio: fraction of the points taken as the most uncertain candidates
-        (uncertainty = -|logit|); the rest are fresh uniform points.
-      generator: the source of every random draw; or
-      draws: the ``(candidates, extra)`` of :func:`importance_draws`, drawn beforehand (the
-        criterion draws per image from each image's generator and samples the batch at once).
+      draws: the ``(candidates [N, S, 2], extra [N, R, 2])`` uniform points of
+        :func:`importance_draws` (the criterion draws them image by image from each image's
+        generator, then selects for the whole batch at once).
+      num_points: points per map: the ``num_points - R`` most uncertain candidates
+        (uncertainty = -|logit|), then the ``R`` extra ones.
 
     Returns ``[N, num_points, 2]`` points in [0, 1]^2.
     """
-    if draws is None:
-        if generator is None:
-            raise ValueError("importance_points: give a generator or the draws")
-        draws = importance_draws(
-            logits.shape[0],
-            num_points=num_points,
-            oversample_ratio=oversample_ratio,
-            importance_sample_ratio=importance_sample_ratio,
-            generator=generator,
-            device=logits.device,
-        )
     candidates, extra = draws
     uncertainty = -point_sample(logits, candidates).abs()[:, 0, :]  # [N, S]
     top = torch.topk(uncertainty, k=num_points - extra.shape[1], dim=1).indices  # [N, k]
@@ -87,9 +66,10 @@ def importance_draws(
     generator: torch.Generator,
     device,
 ) -> tuple[Tensor, Tensor]:
-    """The random part of :func:`importance_points` for ``n`` maps: ``int(num_points *
-    oversample_ratio)`` uniform candidates each, then the uniform points that fill the
-    ``num_points - int(importance_sample_ratio * num_points)`` places left (in that order)."""
+    """The random part of :func:`importance_points` for ``n`` maps, drawn from ``generator``:
+    ``int(num_points * oversample_ratio)`` uniform candidates each, then the uniform points that
+    fill the ``num_points - int(importance_sample_ratio * num_points)`` places the most uncertain
+    candidates leave (in that order)."""
     num_sampled = int(num_points * oversample_ratio)
     if num_sampled < num_points:
         raise ValueError(f"oversample_ratio {oversample_ratio} must be >= 1")

@@ -263,6 +263,13 @@ def _(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return _empty_nchw(x, (b, x.shape[1], h, w), _channels_last(x))
 
 
+# Mask losses read only the matched queries' masks: in training most channels of the decoded
+# masks get no gradient. Channels never mix in eq. (5), so a channel without gradient adds
+# nothing to d weights and has d x = 0: below this fraction of live channels the backward runs
+# on each image's live channels only (the same sums, without the zero terms).
+SPARSE_BACKWARD_BELOW = 0.5
+
+
 @torch.library.custom_op("hcformer::local_decode_backward", mutates_args=())
 def local_decode_backward(
     grad: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, need_x: bool, need_weights: bool
@@ -272,16 +279,9 @@ def local_decode_backward(
     d x has the memory format of x; a gradient not needed is an empty tensor.
     """
     live = grad.flatten(2).ne(0).any(-1)  # [B, C]: channels that receive any gradient
-    if grad.shape[0] * grad.shape[1] > 0 and live.float().mean() < SPARSE_BACKWARD_BELOW:
+    if live.float().mean() < SPARSE_BACKWARD_BELOW:  # (an empty grad's mean is nan: dense)
         return _live_channels_backward(grad, x, weights, live, need_x, need_weights)
     return _dense_backward(grad, x, weights, need_x, need_weights)
-
-
-# Mask losses read only the matched queries' masks: in training most channels of the decoded
-# masks get no gradient. Channels never mix in eq. (5), so a channel without gradient adds
-# nothing to d weights and has d x = 0: below this fraction of live channels the backward runs
-# on each image's live channels only (the same sums, without the zero terms).
-SPARSE_BACKWARD_BELOW = 0.5
 
 
 def _dense_backward(
