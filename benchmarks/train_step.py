@@ -4,16 +4,18 @@
                                     [--out benchmarks/out/train_step.json]
 
 Builds the trainer of ``--experiment`` at ``--scale`` (synthetic data is written on first use)
-and times full training steps (data, forward, loss, backward, AdamW) in ONE process under three
+and times full training steps (data, forward, loss, backward, AdamW) in ONE process under four
 variants, interleaved round by round so that load on a shared machine hits them alike:
 
 - ``fast``: the code as it runs (DCNv2 as ``grid_sample`` + one matrix product on CPU, the
   eq. (5) backward on the live channels only);
 - ``torchvision_dcn``: DCNv2 through ``torchvision.ops.deform_conv2d``'s CPU kernel instead;
 - ``dense_decode_backward``: the eq. (5) backward over every channel, as if every query's mask
-  had a loss.
+  had a loss;
+- ``level_by_level_decode``: every prediction set's masks decoded level by level even when the
+  coarse map is small (``decode_masks`` otherwise decodes its cells' one-hot maps and mixes them).
 
-Each variant keeps its own model and optimiser from the same initial state, so all three see the
+Each variant keeps its own model and optimiser from the same initial state, so all four see the
 same batches. Writes JSON (per-step wall and CPU seconds, medians, ratios against ``fast``) and
 prints one readable line per variant.
 """
@@ -36,18 +38,24 @@ def variant(name: str):
     """Switch the CPU fast path that ``name`` turns off (restored on exit)."""
     from torchvision.ops import deform_conv2d
 
-    from hcformer.models import dcn
+    from hcformer.models import clustering, dcn
     from hcformer.ops import fast
 
-    saved = dcn.sampled_deform_conv2d, fast.SPARSE_BACKWARD_BELOW
+    saved = dcn.sampled_deform_conv2d, fast.SPARSE_BACKWARD_BELOW, clustering.BASIS_DECODE_MAX_CELLS
     if name == "torchvision_dcn":
         dcn.sampled_deform_conv2d = deform_conv2d
     elif name == "dense_decode_backward":
         fast.SPARSE_BACKWARD_BELOW = 0.0
+    elif name == "level_by_level_decode":
+        clustering.BASIS_DECODE_MAX_CELLS = 0
     try:
         yield
     finally:
-        dcn.sampled_deform_conv2d, fast.SPARSE_BACKWARD_BELOW = saved
+        (
+            dcn.sampled_deform_conv2d,
+            fast.SPARSE_BACKWARD_BELOW,
+            clustering.BASIS_DECODE_MAX_CELLS,
+        ) = saved
 
 
 def main() -> int:
@@ -71,7 +79,7 @@ def main() -> int:
         seed=0,
         overrides=["tracking.enabled=false"],
     )
-    names = ["fast", "torchvision_dcn", "dense_decode_backward"]
+    names = ["fast", "torchvision_dcn", "dense_decode_backward", "level_by_level_decode"]
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

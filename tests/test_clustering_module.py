@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hcformer import ops
-from hcformer.models.clustering import ClusteringModule, decode_masks
+from hcformer.models.clustering import BASIS_DECODE_MAX_CELLS, ClusteringModule, decode_masks
 from hcformer.ops import reference
 
 
@@ -163,6 +163,34 @@ def test_decode_masks_full_hierarchy_with_one_hot_assignments_copies_the_cluster
     labels = ops.hard_clusters(one_hot)[0]  # [2, 24, 32] index of the stride-32 cell
     expected = masks.flatten(2).gather(2, labels.flatten(1)[:, None].expand(-1, 6, -1))
     torch.testing.assert_close(out, expected.view(2, 6, 24, 32))
+
+
+def _reference_decode_masks(masks, assignments, levels_total=3):
+    x = masks
+    for step in range(levels_total):
+        if step < len(assignments):
+            x = reference.decode(x, assignments[len(assignments) - 1 - step])
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    return x
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+@pytest.mark.parametrize("channels", [3, 40])  # fewer channels than the 12 cells, and more
+def test_decode_masks_matches_the_level_by_level_reference_with_gradients(levels, channels):
+    # 40 channels over a 3 x 4 coarse map take the one-hot-basis path of decode_masks, 3 the
+    # level-by-level one: both must give eq. (5) applied level by level, and its gradients
+    assert BASIS_DECODE_MAX_CELLS >= 3 * 4
+    assignments = [a.requires_grad_() for a in _assignments(2, 3, 4, seed=5)[3 - levels :]]
+    masks = torch.randn(2, channels, 3, 4, requires_grad=True)
+    out = decode_masks(masks, assignments)
+    want = _reference_decode_masks(masks, assignments)
+    torch.testing.assert_close(out, want)
+    grad = torch.randn_like(want)
+    got_grads = torch.autograd.grad(out, [masks, *assignments], grad)
+    want_grads = torch.autograd.grad(want, [masks, *assignments], grad)
+    for got, expected in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, expected)
 
 
 def test_decode_masks_stacked_sets_equal_one_by_one():

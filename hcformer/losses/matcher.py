@@ -20,18 +20,19 @@ from hcformer.losses.point_sampling import point_sample, uniform_points
 def pairwise_sigmoid_ce(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean binary cross-entropy over points of every (prediction, target) pair.
 
-    ``logits`` ``[Q, P]``, ``targets`` ``[N, P]`` in {0, 1} -> ``[Q, N]``.
+    ``logits`` ``[..., Q, P]``, ``targets`` ``[..., N, P]`` in {0, 1} -> ``[..., Q, N]``.
     """
     # BCE(x, t) = t * softplus(-x) + (1 - t) * softplus(x) = softplus(x) - x * t.
-    cost = F.softplus(logits).sum(-1, keepdim=True) - logits @ targets.T
-    return cost / logits.shape[1]
+    cost = F.softplus(logits).sum(-1, keepdim=True) - logits @ targets.transpose(-1, -2)
+    return cost / logits.shape[-1]
 
 
 def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
-    """Dice loss ``1 - (2|p t| + 1) / (|p| + |t| + 1)`` of every pair: ``[Q, P] x [N, P] -> [Q, N]``."""
+    """Dice loss ``1 - (2|p t| + 1) / (|p| + |t| + 1)`` of every pair:
+    ``[..., Q, P] x [..., N, P] -> [..., Q, N]``."""
     probs = logits.sigmoid()
-    numerator = 2.0 * probs @ targets.T
-    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    numerator = 2.0 * probs @ targets.transpose(-1, -2)
+    denominator = probs.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]
     return 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
 
@@ -101,19 +102,30 @@ class HungarianMatcher(nn.Module):
                 for b in live
             ]
         )  # [L, P, 2]
-        out = point_sample(pred_masks[live].float(), coords)  # [L, Q, P]
+        every = len(live) == len(targets)
+        masks = pred_masks if every else pred_masks[live]
+        logits = pred_logits if every else pred_logits[live]
+        out = point_sample(masks.float(), coords)  # [L, Q, P]
+        # Targets of all images at once, padded to the largest count (padding columns dropped).
         counts = [len(targets[b]["labels"]) for b in live]
         tgt_masks = torch.cat([targets[b]["masks"] for b in live])[:, None].float()
         tgt_coords = coords.repeat_interleave(torch.tensor(counts, device=device), dim=0)
-        tgt = point_sample(tgt_masks, tgt_coords)[:, 0].split(counts)  # [N_b, P] each
-        probs = pred_logits[live].float().softmax(-1)
+        tgt_points = point_sample(tgt_masks, tgt_coords)[:, 0]  # [sum N, P]
+        n_max = max(counts)
+        tgt = out.new_zeros((len(live), n_max, self.num_points))
+        labels = torch.zeros((len(live), n_max), dtype=torch.int64, device=device)
+        for i, (b, points) in enumerate(zip(live, tgt_points.split(counts))):
+            tgt[i, : counts[i]] = points
+            labels[i, : counts[i]] = targets[b]["labels"]
+        probs = logits.float().softmax(-1)  # [L, Q, K+1]
+        cost = (
+            self.class_weight * -probs.gather(2, labels[:, None, :].expand(-1, probs.shape[1], -1))
+            + self.mask_weight * pairwise_sigmoid_ce(out, tgt)
+            + self.dice_weight * pairwise_dice(out, tgt)
+        )  # [L, Q, n_max]
         for i, b in enumerate(live):
-            labels = targets[b]["labels"]
-            costs[b] = (
-                self.class_weight * -probs[i][:, labels]
-                + self.mask_weight * pairwise_sigmoid_ce(out[i], tgt[i])
-                + self.dice_weight * pairwise_dice(out[i], tgt[i])
-            )
+            costs[b] = cost[i, :, : counts[i]]
+        return costs
         return costs
 
     @torch.no_grad()

@@ -81,6 +81,10 @@ def decode_masks(
     Returns:
       [B, ..., h * 2**levels_total, w * 2**levels_total], in the memory format of ``masks``
       (``ops.decode`` and bilinear upsampling both keep it).
+
+    Small coarse maps (at most ``BASIS_DECODE_MAX_CELLS`` cells, fewer than the channels, as the
+    4 x 4 stride-32 map of a 128 x 128 image) are decoded through the one-hot map of each cell
+    instead: the same linear map of eq. (5), evaluated in the cheaper order.
     """
     if masks.dim() < 3:
         raise ValueError(f"decode_masks: expected masks [B, ..., h, w], got {tuple(masks.shape)}")
@@ -92,17 +96,45 @@ def decode_masks(
     lead = masks.shape[:-2]
     b, (h, w) = masks.shape[0], masks.shape[-2:]
     x = masks.reshape(b, -1, h, w)
+    for step in range(min(n_modules, levels_total)):
+        assignment = assignments[n_modules - 1 - step]
+        size = (h << (step + 1), w << (step + 1))
+        if assignment.shape[0] != b or tuple(assignment.shape[-2:]) != size:
+            raise ValueError(
+                f"decode_masks: decoding step {step} needs an assignment [{b}, 9, {size[0]}, "
+                f"{size[1]}], got {tuple(assignment.shape)} (assignments fine to coarse: "
+                f"{[tuple(a.shape) for a in assignments]}, masks {tuple(masks.shape)})"
+            )
+    cells = h * w
+    if cells <= BASIS_DECODE_MAX_CELLS and cells < x.shape[1] and x.is_contiguous():
+        # Eq. (5) is linear in the masks and the same for every channel: decode the one-hot
+        # map of each coarse cell (h * w channels) and combine the channels with one batched
+        # product. Same result as decoding the channels (the matrix chain taken in the other
+        # order), far fewer passes over the large fine maps when the coarse map is small.
+        eye = torch.eye(cells, dtype=x.dtype, device=x.device).expand(b, cells, cells)
+        basis = _decode_levels(eye.reshape(b, cells, h, w), assignments, levels_total)
+        dtype = torch.promote_types(x.dtype, basis.dtype)  # as ops.decode promotes
+        out = torch.bmm(x.flatten(2).to(dtype), basis.flatten(2).to(dtype))  # [b, C, H W]
+        return out.reshape(*lead, *basis.shape[-2:])
+    out = _decode_levels(x, assignments, levels_total)
+    return out.reshape(*lead, *out.shape[-2:])
+
+
+# Below this many coarse cells (and fewer cells than channels) ``decode_masks`` decodes the cells'
+# one-hot maps and mixes them (measured on 2 CPU threads, 900 channels, fwd + bwd: 4 x 4 cells
+# 22 vs 90 ms, 8 x 8 170 vs 320 ms, 16 x 16 400 vs 331 ms).
+BASIS_DECODE_MAX_CELLS = 64
+
+
+def _decode_levels(
+    x: torch.Tensor, assignments: Sequence[torch.Tensor], levels_total: int
+) -> torch.Tensor:
+    """``x`` [B, C, h, w] decoded ``levels_total`` times: eq. (5) with the deepest assignment
+    first, then 2x bilinear for the levels without a clustering module."""
+    n_modules = len(assignments)
     for step in range(levels_total):
         if step < n_modules:
-            assignment = assignments[n_modules - 1 - step]
-            if assignment.shape[0] != b or tuple(assignment.shape[-2:]) != (2 * h, 2 * w):
-                raise ValueError(
-                    f"decode_masks: decoding step {step} needs an assignment [{b}, 9, {2 * h}, "
-                    f"{2 * w}], got {tuple(assignment.shape)} (assignments fine to coarse: "
-                    f"{[tuple(a.shape) for a in assignments]}, masks {tuple(masks.shape)})"
-                )
-            x = ops.decode(x, assignment)
+            x = ops.decode(x, assignments[n_modules - 1 - step])
         else:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-        h, w = 2 * h, 2 * w
-    return x.reshape(*lead, h, w)
+    return x
