@@ -34,7 +34,7 @@ import pytest
 
 from hcformer import cli
 
-EXP = "ade20k/hcformer-r50-L3-D8-Q100"  # smoke scale: tiny R50, 128x128, batch 8
+EXP = "ade20k/hcformer-r50-L3-D8-Q100"  # smoke scale: tiny R50, tiny images, batch 8
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -50,8 +50,8 @@ def data(tmp_path_factory) -> dict:
     from hcformer.experiments import resolve
 
     root = tmp_path_factory.mktemp("faultdata") / "ade20k"
-    write_synthetic("ade20k", root, 16, (128, 128), 0, 4)
     cfg = resolve(EXP, "smoke")
+    write_synthetic("ade20k", root, 16, cfg.data.synthetic.size, 0, 4)  # the smoke image size
     cfg.data.root, cfg.data.synthetic = str(root), None
     classes = build_dataset(cfg.data, "train").num_classes
     overrides = [

@@ -231,9 +231,8 @@ def test_profile_cli_tiny_table5_writes_documented_json(tmp_path: Path):
         assert row["paper"]["gflops"] == _paper("table5", row["label"])["gflops"]
         assert row["diff"]["gflops"] == pytest.approx(row["gflops"] - row["paper"]["gflops"])
         # Synthetic data: its one image size (experiments/scales/tiny.yaml).
-        assert row["inputs"] == [
-            {"padded": [128, 128], "resized": [128, 128], "original": [128, 128], "count": 1}
-        ]
+        size = _tiny_size(row["experiment"])
+        assert row["inputs"] == [{"padded": size, "resized": size, "original": size, "count": 1}]
     gflops = [r["gflops"] for r in rows]
     assert gflops == sorted(gflops) and gflops[0] < gflops[-1]  # modules cost something
     params = [r["params_m"] for r in rows]
@@ -242,10 +241,16 @@ def test_profile_cli_tiny_table5_writes_documented_json(tmp_path: Path):
     assert rows[3]["gflops_by_op"]["torchvision.deform_conv2d"] > 0
 
 
+def _tiny_size(experiment: str) -> list[int]:
+    from hcformer.experiments import resolve
+
+    return list(resolve(experiment, "tiny").data.synthetic.size)
+
+
 def test_latency_is_measured_on_real_tensors():
     result = P.profile_table("table5", "tiny", rows=["HCFormer R50 L3"], latency=True, repeats=2)
     (row,) = result["rows"]
-    assert row["latency_ms"] > 0 and row["latency_input"] == [128, 128]
+    assert row["latency_ms"] > 0 and row["latency_input"] == _tiny_size(row["experiment"])
     assert result["device"] == "cpu"
     assert row["paper"] == {"gflops": 87, "params_m": 38}  # table 5 prints no latency
 
