@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from hcformer.losses.point_sampling import point_sample, uniform_points
 
@@ -111,12 +112,8 @@ class HungarianMatcher(nn.Module):
         tgt_masks = torch.cat([targets[b]["masks"] for b in live])[:, None].float()
         tgt_coords = coords.repeat_interleave(torch.tensor(counts, device=device), dim=0)
         tgt_points = point_sample(tgt_masks, tgt_coords)[:, 0]  # [sum N, P]
-        n_max = max(counts)
-        tgt = out.new_zeros((len(live), n_max, self.num_points))
-        labels = torch.zeros((len(live), n_max), dtype=torch.int64, device=device)
-        for i, (b, points) in enumerate(zip(live, tgt_points.split(counts))):
-            tgt[i, : counts[i]] = points
-            labels[i, : counts[i]] = targets[b]["labels"]
+        tgt = pad_sequence(tgt_points.split(counts), batch_first=True)  # [L, n_max, P]
+        labels = pad_sequence([targets[b]["labels"] for b in live], batch_first=True)
         probs = logits.float().softmax(-1)  # [L, Q, K+1]
         cost = (
             self.class_weight * -probs.gather(2, labels[:, None, :].expand(-1, probs.shape[1], -1))
@@ -125,7 +122,6 @@ class HungarianMatcher(nn.Module):
         )  # [L, Q, n_max]
         for i, b in enumerate(live):
             costs[b] = cost[i, :, : counts[i]]
-        return costs
         return costs
 
     @torch.no_grad()
