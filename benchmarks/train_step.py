@@ -4,7 +4,7 @@
                                     [--out benchmarks/out/train_step.json]
 
 Builds the trainer of ``--experiment`` at ``--scale`` (synthetic data is written on first use)
-and times full training steps (data, forward, loss, backward, AdamW) in ONE process under four
+and times full training steps (data, forward, loss, backward, AdamW) in ONE process under five
 variants, interleaved round by round so that load on a shared machine hits them alike:
 
 - ``fast``: the code as it runs (DCNv2 as ``grid_sample`` + one matrix product on CPU, the
@@ -13,9 +13,12 @@ variants, interleaved round by round so that load on a shared machine hits them 
 - ``dense_decode_backward``: the eq. (5) backward over every channel, as if every query's mask
   had a loss;
 - ``level_by_level_decode``: every prediction set's masks decoded level by level even when the
-  coarse map is small (``decode_masks`` otherwise decodes its cells' one-hot maps and mixes them).
+  coarse map is small (``decode_masks`` otherwise decodes its cells' one-hot maps and mixes them);
+- ``dense_training_masks``: every prediction set's stride-4 masks formed for every query (one-hot
+  basis and one product) before the loss, instead of handing the loss the coefficients over the
+  basis (it then forms only the matched masks).
 
-Each variant keeps its own model and optimiser from the same initial state, so all four see the
+Each variant keeps its own model and optimiser from the same initial state, so all five see the
 same batches. Writes JSON (per-step wall and CPU seconds, medians, and each variant's ratio to
 ``fast``: the median over rounds of the ratio within a round) and prints one readable line per
 variant.
@@ -40,15 +43,23 @@ def variant(name: str):
     from torchvision.ops import deform_conv2d
 
     from hcformer.models import clustering, dcn
+    from hcformer.models.hcformer import HCFormer
     from hcformer.ops import fast
 
-    saved = dcn.sampled_deform_conv2d, fast.SPARSE_BACKWARD_BELOW, clustering.BASIS_DECODE_MAX_CELLS
+    saved = (
+        dcn.sampled_deform_conv2d,
+        fast.SPARSE_BACKWARD_BELOW,
+        clustering.BASIS_DECODE_MAX_CELLS,
+        HCFormer.factorised_training_masks,
+    )
     if name == "torchvision_dcn":
         dcn.sampled_deform_conv2d = deform_conv2d
     elif name == "dense_decode_backward":
         fast.SPARSE_BACKWARD_BELOW = 0.0
     elif name == "level_by_level_decode":
         clustering.BASIS_DECODE_MAX_CELLS = 0
+    elif name == "dense_training_masks":
+        HCFormer.factorised_training_masks = False
     try:
         yield
     finally:
@@ -56,6 +67,7 @@ def variant(name: str):
             dcn.sampled_deform_conv2d,
             fast.SPARSE_BACKWARD_BELOW,
             clustering.BASIS_DECODE_MAX_CELLS,
+            HCFormer.factorised_training_masks,
         ) = saved
 
 
@@ -80,7 +92,13 @@ def main() -> int:
         seed=0,
         overrides=["tracking.enabled=false"],
     )
-    names = ["fast", "torchvision_dcn", "dense_decode_backward", "level_by_level_decode"]
+    names = [
+        "fast",
+        "torchvision_dcn",
+        "dense_decode_backward",
+        "level_by_level_decode",
+        "dense_training_masks",
+    ]
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

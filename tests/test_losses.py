@@ -319,3 +319,70 @@ def test_build_criterion_follows_head_type_and_weights():
     assert crit.empty_weight.tolist() == pytest.approx([1.0] * 7 + [0.2])
     cfg = build_config({"model": {"head": {"type": "fpn"}}})
     assert isinstance(build_criterion(cfg), PerPixelCriterion)
+
+
+def factorised_and_dense(b=3, q=6, cells=4, size=8, sets=3, seed=0):
+    """The same prediction sets held densely and as coefficients over a shared basis."""
+    torch.manual_seed(seed)
+    basis = torch.randn(b, cells, size, size, requires_grad=True)
+    coefficients = [torch.randn(b, q, cells, requires_grad=True) for _ in range(sets)]
+    logits = [torch.randn(b, q, 4) for _ in range(sets)]
+    # The reference: every query's dense map, formed pixel by pixel.
+    dense = [torch.einsum("bqc,bchw->bqhw", c, basis) for c in coefficients]
+    fact = [
+        {"pred_logits": lg, "mask_coefficients": c, "mask_basis": basis}
+        for lg, c in zip(logits, coefficients)
+    ]
+    full = [{"pred_logits": lg, "pred_masks": d} for lg, d in zip(logits, dense)]
+    wrap = lambda s: {**s[-1], "aux_outputs": s[:-1], "cluster_scales": []}  # noqa: E731
+    return wrap(fact), wrap(full), basis, coefficients
+
+
+@pytest.mark.parametrize("empty_image", [False, True])
+def test_factorised_masks_give_the_dense_losses_and_gradients(empty_image):
+    """HCFormer's training sets of a small coarse map (coefficients over the decoded one-hot
+    maps of the cells): the matcher, losses and gradients of the dense maps they stand for."""
+    masks, _ = blocky_target()
+    targets = [
+        {"labels": torch.tensor([0, 2]), "masks": masks},
+        {"labels": torch.tensor([1]), "masks": masks[1:]},
+        {"labels": torch.tensor([2, 1]), "masks": masks.flip(0)},
+    ]
+    if empty_image:
+        targets[1] = {"labels": torch.tensor([], dtype=torch.int64), "masks": masks[:0]}
+    fact, full, basis, coefficients = factorised_and_dense()
+    crit = make_criterion()
+    for pred in (fact, *fact["aux_outputs"]):
+        dense = torch.einsum("bqc,bchw->bqhw", pred["mask_coefficients"], basis)
+        want = crit.matcher.cost_matrices(pred["pred_logits"], dense, targets, gens(3))
+        got = crit.matcher.cost_matrices(
+            pred["pred_logits"], pred["mask_coefficients"], targets, gens(3), mask_basis=basis
+        )
+        for w, g in zip(want, got):
+            assert (w is None) == (g is None) == (w is None and empty_image)
+            if w is not None:
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    got = crit(fact, targets, generators=gens(3))
+    grads_got = torch.autograd.grad(sum(got.values()), [basis, *coefficients])
+    want = crit(full, targets, generators=gens(3))
+    grads_want = torch.autograd.grad(sum(want.values()), [basis, *coefficients])
+    assert set(got) == set(want) and len(got) == 9
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads_got, grads_want):
+        assert w.abs().sum() > 0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_factorised_masks_without_targets_and_mixed_sets():
+    fact, full, basis, _ = factorised_and_dense(b=2)
+    masks, _ = blocky_target()
+    none = [{"labels": torch.tensor([], dtype=torch.int64), "masks": masks[:0]}] * 2
+    out = make_criterion()(fact, none, generators=gens(2))
+    # Zero mask terms that still reach the basis (DDP expects a gradient for every parameter).
+    assert float(out["loss_mask"].detach()) == float(out["loss_dice"].detach()) == 0.0
+    (g,) = torch.autograd.grad(sum(out.values()), [basis])
+    assert torch.equal(g, torch.zeros_like(basis))
+    mixed = dict(fact, aux_outputs=full["aux_outputs"])
+    with pytest.raises(ValueError, match="either pred_masks or mask_coefficients"):
+        make_criterion()(mixed, none, generators=gens(2))

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from hcformer.config import build_config
-from hcformer.models import build_model
+from hcformer.models import build_model, clustering
 from hcformer.models.clustering import decode_masks
 from hcformer.models.encoder import TransformerEncoder
+from hcformer.models.hcformer import HCFormer, set_masks
 from hcformer.models.position_encoding import PositionEmbeddingSine
 from hcformer.models.transformer_decoder import (
     MaskedAttentionDecoder,
@@ -202,11 +203,18 @@ def test_output_contract_train_and_eval(size):
     model.train()
     out = model(x)
     assert out["pred_logits"].shape == (2, 8, 6)
-    assert out["pred_masks"].shape == (2, 8, h // 4, w // 4)
+    # 3 x 5 stride-32 cells, fewer than the 3 sets x 8 queries: in training every set holds its
+    # logits as coefficients over the cells' decoded one-hot maps (one basis for all sets).
+    cells = (h // 32) * (w // 32)
+    assert "pred_masks" not in out
+    assert out["mask_coefficients"].shape == (2, 8, cells)
+    assert out["mask_basis"].shape == (2, cells, h // 4, w // 4)
+    assert set_masks(out).shape == (2, 8, h // 4, w // 4)
     assert len(out["aux_outputs"]) == 2  # decoder_layers (plus the final set = layers + 1)
     for aux in out["aux_outputs"]:
         assert aux["pred_logits"].shape == (2, 8, 6)
-        assert aux["pred_masks"].shape == (2, 8, h // 4, w // 4)
+        assert aux["mask_basis"] is out["mask_basis"]
+        assert set_masks(aux).shape == (2, 8, h // 4, w // 4)
     # Assignments fine to coarse (strides 4->8, 8->16, 16->32) and one scale per module.
     shapes = [tuple(a.shape) for a in out["assignments"]]
     assert shapes == [(2, 9, h // 4, w // 4), (2, 9, h // 8, w // 8), (2, 9, h // 16, w // 16)]
@@ -221,9 +229,12 @@ def test_output_contract_train_and_eval(size):
     assert ev["aux_outputs"] == []
 
 
+@pytest.mark.parametrize("factorised", [True, False])
 @torch.no_grad()
-def test_every_set_is_decoded_like_the_final_one():
-    """Batched decoding of all sets == decoding each stride-32 set alone (eq. 5, per set)."""
+def test_every_set_is_decoded_like_the_final_one(factorised, monkeypatch):
+    """Every training set's stride-4 logits (dense, or coefficients over the cells' basis) ==
+    decoding its stride-32 masks alone, level by level (eq. 5, per set)."""
+    monkeypatch.setattr(HCFormer, "factorised_training_masks", factorised)
     model = tiny_model()
     captured = {}
     model.decoder.register_forward_hook(lambda m, i, o: captured.update(out=o))
@@ -231,17 +242,17 @@ def test_every_set_is_decoded_like_the_final_one():
     out = model(images(2, 64, 96))
     logits32, masks32 = captured["out"]
     assert masks32.shape == (3, 2, 8, 2, 3)
-    sets = [
-        *out["aux_outputs"],
-        {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]},
-    ]
+    assert ("pred_masks" in out) is not factorised
+    sets = [*out["aux_outputs"], out]
+    with monkeypatch.context() as m:
+        m.setattr(clustering, "BASIS_DECODE_MAX_CELLS", 0)  # the reference: level by level
+        wants = [decode_masks(masks32[i], out["assignments"]) for i in range(len(sets))]
     for i, s in enumerate(sets):
         torch.testing.assert_close(s["pred_logits"], logits32[i])
-        want = decode_masks(masks32[i], out["assignments"])
-        torch.testing.assert_close(s["pred_masks"], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(set_masks(s), wants[i], rtol=1e-5, atol=1e-5)
     # No dropout and frozen BN: eval decodes the same final prediction.
     ev = model.eval()(images(2, 64, 96))
-    torch.testing.assert_close(ev["pred_masks"], out["pred_masks"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ev["pred_masks"], set_masks(out), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ev["pred_logits"], out["pred_logits"])
 
 
@@ -249,7 +260,7 @@ def test_every_set_is_decoded_like_the_final_one():
 def test_every_hierarchy_level(level):
     model = tiny_model(backbone={"hierarchy_level": level}).train()
     out = model(images(1, 64, 64))
-    assert out["pred_masks"].shape == (1, 8, 16, 16)
+    assert set_masks(out).shape == (1, 8, 16, 16)
     assert len(out["assignments"]) == len(out["cluster_scales"]) == level
     # The modules sit at the last `level` downsamplings: the coarsest is 16 -> 32 (2x2 here).
     assert [a.shape[-1] for a in out["assignments"]] == [16, 8, 4][3 - level :]
@@ -258,7 +269,7 @@ def test_every_hierarchy_level(level):
 def test_hcformer_plus_and_standard_decoder_variants():
     plus = tiny_model(head={"encoder_layers": 2}).train()
     out = plus(images(1, 64, 96))
-    assert out["pred_masks"].shape == (1, 8, 16, 24) and len(out["aux_outputs"]) == 2
+    assert set_masks(out).shape == (1, 8, 16, 24) and len(out["aux_outputs"]) == 2
     names = [n for n, _ in plus.named_parameters()]
     assert any(n.startswith("backbone.encoder.layers.1.") for n in names)
     # The encoder's output already has the decoder's width: input_proj is the identity.
@@ -267,7 +278,7 @@ def test_hcformer_plus_and_standard_decoder_variants():
 
     std = tiny_model(head={"decoder": "standard", "decoder_layers": 3}).train()
     out = std(images(1, 64, 96))
-    assert out["pred_masks"].shape == (1, 8, 16, 24)
+    assert set_masks(out).shape == (1, 8, 16, 24)
     assert len(out["aux_outputs"]) == 2  # one prediction per layer, no set from the queries
     assert not any("level_embed" in n or "query_feat" in n for n, _ in std.named_parameters())
 
@@ -286,7 +297,7 @@ def test_swin_backbone_feeds_the_head():
     )
     model = build_model(cfg.model).train()
     out = model(images(1, 96, 160))
-    assert out["pred_masks"].shape == (1, 8, 24, 40)
+    assert set_masks(out).shape == (1, 8, 24, 40)
     assert [a.shape[-2:] for a in out["assignments"]] == [(24, 40), (12, 20), (6, 10)]
 
 
@@ -307,7 +318,7 @@ def test_gradients_reach_cluster_scales_through_decoding():
     model = tiny_model().train()
     out = model(images(1, 64, 64))
     # A loss on the final stride-4 masks only: s(i) gets gradients through eq. (5) decoding.
-    (out["pred_masks"].sigmoid() * torch.linspace(-1, 1, 16)).sum().backward()
+    (set_masks(out).sigmoid() * torch.linspace(-1, 1, 16)).sum().backward()
     for s in out["cluster_scales"]:
         assert s.grad is not None and s.grad.abs() > 0
     assert model.decoder.query_feat.weight.grad.abs().sum() > 0

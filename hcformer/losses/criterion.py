@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hcformer.losses.matcher import HungarianMatcher
-from hcformer.losses.point_sampling import importance_draws, importance_points, point_sample
+from hcformer.losses.point_sampling import (
+    importance_draws,
+    importance_points,
+    point_sample,
+    point_sample_rows,
+)
 
 PER_PIXEL_HEADS = ("fcn32s", "fpn", "pspnet", "deeplabv3")
 
@@ -158,19 +163,22 @@ class SetCriterion(nn.Module):
         targets: list[dict[str, Tensor]],
         indices,
         generators: list[torch.Generator],
-    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]] | None:
-        """The matched masks of one prediction set and of their targets, and the random part of
-        their point sampling (each image's from its own generator): ``None`` without targets."""
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+        """The matched masks of one prediction set (their rows of ``masks``: [N, H, W] logits or
+        [N, C] coefficients), the image of each, their targets (rows of the batch's target
+        stack), and the random part of their point sampling (each image's from its own
+        generator): ``None`` without targets."""
         # All images at once (indexing image by image would make backward write a zero tensor
         # of the whole batch per image).
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
         if batch_idx.numel() == 0:
             return None
-        src_idx = torch.cat([src for src, _ in indices])
-        src_masks = masks[batch_idx.to(masks.device), src_idx.to(masks.device)][:, None].float()
-        tgt_masks = torch.cat(
-            [targets[b]["masks"][tgt.to(masks.device)] for b, (_, tgt) in enumerate(indices)]
-        )[:, None]
+        batch_idx = batch_idx.to(masks.device)
+        src_rows = masks[batch_idx, torch.cat([src for src, _ in indices]).to(masks.device)]
+        # Each matched target's row in the batch's stack of target masks (``forward``).
+        tgt_ids = torch.cat(
+            [targets[b]["first"] + tgt.to(masks.device) for b, (_, tgt) in enumerate(indices)]
+        )
         draws = [
             importance_draws(
                 len(src),
@@ -183,19 +191,29 @@ class SetCriterion(nn.Module):
             for b, (src, _) in enumerate(indices)
         ]
         candidates = torch.cat([c for c, _ in draws])
-        return src_masks, tgt_masks, (candidates, torch.cat([e for _, e in draws]))
+        return src_rows, batch_idx, tgt_ids, (candidates, torch.cat([e for _, e in draws]))
 
     def _mask_losses(
-        self, matched: list[tuple[Tensor, Tensor, tuple[Tensor, Tensor]]], norm: LossNorm
+        self,
+        matched: list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]],
+        target_stack: Tensor,
+        norm: LossNorm,
+        mask_basis: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """BCE and dice of each set in ``matched`` (``[sets]`` each), on importance-sampled
-        points; the sets are sampled and scored in one pass."""
-        src_masks = torch.cat([m for m, _, _ in matched])
-        tgt_masks = torch.cat([t for _, t, _ in matched])
-        draws = (torch.cat([d[0] for *_, d in matched]), torch.cat([d[1] for *_, d in matched]))
+        points; the sets are sampled and scored in one pass. With ``mask_basis`` the matched
+        rows are coefficients over it, and only the matched masks are ever formed."""
+        rows = torch.cat([m[0] for m in matched])
+        if mask_basis is None:
+            src_masks = rows[:, None].float()
+        else:
+            images = torch.cat([m[1] for m in matched])
+            src_masks = masks_over_basis(rows, images, mask_basis)[:, None]
+        tgt_ids = torch.cat([m[2] for m in matched])
+        draws = (torch.cat([m[3][0] for m in matched]), torch.cat([m[3][1] for m in matched]))
         coords = importance_points(src_masks.detach(), draws, num_points=self.num_points)
         with torch.no_grad():
-            labels_t = point_sample(tgt_masks, coords)[:, 0]
+            labels_t = point_sample_rows(target_stack, tgt_ids, coords)[:, 0]
         logits_t = point_sample(src_masks, coords)[:, 0]
         bce = F.binary_cross_entropy_with_logits(logits_t, labels_t, reduction="none").mean(1)
         probs = logits_t.sigmoid()
@@ -204,12 +222,9 @@ class SetCriterion(nn.Module):
         dice = 1 - (numerator + 1) / (denominator + 1)
         # Per set: the masks of set i are the i-th block of rows.
         set_index = torch.cat(
-            [
-                torch.full((len(m),), i, device=src_masks.device)
-                for i, (m, _, _) in enumerate(matched)
-            ]
+            [torch.full((len(m[0]),), i, device=rows.device) for i, m in enumerate(matched)]
         )
-        per_set = torch.zeros(2, len(matched), device=src_masks.device, dtype=bce.dtype)
+        per_set = torch.zeros(2, len(matched), device=rows.device, dtype=bce.dtype)
         per_set = per_set.index_add(1, set_index, torch.stack([bce, dice]))
         return per_set[0] / norm.num_masks, per_set[1] / norm.num_masks
 
@@ -226,7 +241,9 @@ class SetCriterion(nn.Module):
 
         Arguments:
           outputs: the model's dict (``pred_logits``, ``pred_masks``, ``aux_outputs``,
-            ``cluster_scales``).
+            ``cluster_scales``); a set may instead hold ``mask_coefficients`` [B, Q, C] over
+            ``mask_basis`` [B, C, H, W] (HCFormer's training sets of a small coarse map): the
+            same logits, sampled without forming every query's map.
           targets: per image ``{"labels": [N], "masks": [N, H, W]}`` at the padded input size.
           generators: one per image, the source of its point samples.
           norm: totals over the global batch (default: this batch alone).
@@ -234,20 +251,34 @@ class SetCriterion(nn.Module):
         num_queries = outputs["pred_logits"].shape[1]
         if norm is None:
             norm = self.norm_for(targets, num_queries)
-        # Float target masks once for all prediction sets (matcher and mask loss sample them).
-        targets = [dict(t, masks=t["masks"].float()) for t in targets]
+        # Float target masks once for all prediction sets (matcher and mask loss sample them):
+        # one stack [T, 1, H, W]; each image's masks are a view of it, from row "first".
+        counts = [len(t["masks"]) for t in targets]
+        target_stack = torch.cat([t["masks"] for t in targets]).float()[:, None]
+        firsts = torch.tensor([0, *counts[:-1]]).cumsum(0).tolist()
+        targets = [
+            dict(t, masks=target_stack[f : f + n, 0], first=f)
+            for t, f, n in zip(targets, firsts, counts, strict=True)
+        ]
         sets = [("", outputs)]
         if self.deep_supervision:
             sets += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        mask_basis = _shared_basis(sets)
+        mask_key = "pred_masks" if mask_basis is None else "mask_coefficients"
         class_losses, matched = [], []  # matched: per set, its matched masks (scored together)
         for _, pred in sets:
-            indices = self.matcher(pred["pred_logits"], pred["pred_masks"], targets, generators)
+            masks = pred[mask_key]
+            indices = self.matcher(
+                pred["pred_logits"], masks, targets, generators, mask_basis=mask_basis
+            )
             class_losses.append(self._class_loss(pred["pred_logits"], targets, indices, norm))
-            matched.append(self._matched_masks(pred["pred_masks"], targets, indices, generators))
+            matched.append(self._matched_masks(masks, targets, indices, generators))
         if matched[0] is None:  # no targets in the batch: every set is empty
-            bce = dice = torch.stack([pred["pred_masks"].sum() * 0.0 for _, pred in sets])
+            # Zero terms that still reach every mask parameter (DDP expects their gradients).
+            zero = 0.0 if mask_basis is None else mask_basis.sum() * 0.0
+            bce = dice = torch.stack([pred[mask_key].sum() * 0.0 + zero for _, pred in sets])
         else:
-            bce, dice = self._mask_losses(matched, norm)
+            bce, dice = self._mask_losses(matched, target_stack, norm, mask_basis)
         losses: dict[str, Tensor] = {}
         for i, (suffix, _) in enumerate(sets):
             losses["loss_ce" + suffix] = self.class_weight * class_losses[i]
@@ -257,6 +288,30 @@ class SetCriterion(nn.Module):
         if reg is not None:
             losses["loss_reg"] = reg * (len(targets) / norm.num_images)
         return losses
+
+
+def _shared_basis(sets: list[tuple[str, dict]]) -> Tensor | None:
+    """The ``mask_basis`` of the prediction sets (None when they hold dense ``pred_masks``);
+    every set must hold its masks the same way, over the same basis."""
+    basis = sets[0][1].get("mask_basis")
+    for _, pred in sets:
+        if pred.get("mask_basis") is not basis or ("pred_masks" in pred) != (basis is None):
+            raise ValueError(
+                "SetCriterion: every prediction set must hold either pred_masks or "
+                "mask_coefficients over one shared mask_basis"
+            )
+    return basis
+
+
+def masks_over_basis(coefficients: Tensor, images: Tensor, basis: Tensor) -> Tensor:
+    """Row n's mask logits ``coefficients[n] @ basis[images[n]]``: ``[N, C]`` coefficients, the
+    ``[N]`` image of each row and a ``[B, C, H, W]`` basis -> ``[N, H, W]`` (float32), one
+    product per image."""
+    flat = basis.float().flatten(2)
+    order = torch.argsort(images, stable=True)
+    counts = torch.bincount(images, minlength=basis.shape[0]).tolist()
+    parts = [c @ flat[b] for b, c in enumerate(coefficients.float()[order].split(counts))]
+    return torch.cat(parts)[torch.argsort(order)].unflatten(-1, basis.shape[-2:])
 
 
 class PerPixelCriterion(nn.Module):

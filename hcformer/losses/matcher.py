@@ -86,11 +86,15 @@ class HungarianMatcher(nn.Module):
         pred_masks: Tensor,
         targets: list[dict[str, Tensor]],
         generators: list[torch.Generator],
+        *,
+        mask_basis: Tensor | None = None,
     ) -> list[Tensor | None]:
         """Per image, the ``[Q, N]`` cost (``None`` for an image without targets).
 
         Each image with targets draws ``num_points`` uniform points from its own generator,
         shared by its queries and targets; then every image and target is sampled in one pass.
+        With ``mask_basis`` [B, C, h, w], ``pred_masks`` are [B, Q, C] coefficients over it
+        (the logits are their products; sampling is linear, so the basis is sampled instead).
         """
         live = [b for b, t in enumerate(targets) if t["labels"].numel()]
         costs: list[Tensor | None] = [None] * len(targets)
@@ -106,13 +110,19 @@ class HungarianMatcher(nn.Module):
         every = len(live) == len(targets)
         masks = pred_masks if every else pred_masks[live]
         logits = pred_logits if every else pred_logits[live]
-        out = point_sample(masks.float(), coords)  # [L, Q, P]
-        # Targets of all images at once, padded to the largest count (padding columns dropped).
+        if mask_basis is None:
+            out = point_sample(masks.float(), coords)  # [L, Q, P]
+        else:
+            basis = mask_basis if every else mask_basis[live]
+            out = masks.float() @ point_sample(basis.float(), coords)  # [L, Q, C] @ [L, C, P]
+        # Targets image by image (no copy of their full-size masks), padded to the largest
+        # count (padding columns dropped).
         counts = [len(targets[b]["labels"]) for b in live]
-        tgt_masks = torch.cat([targets[b]["masks"] for b in live])[:, None].float()
-        tgt_coords = coords.repeat_interleave(torch.tensor(counts, device=device), dim=0)
-        tgt_points = point_sample(tgt_masks, tgt_coords)[:, 0]  # [sum N, P]
-        tgt = pad_sequence(tgt_points.split(counts), batch_first=True)  # [L, n_max, P]
+        tgt_points = [
+            point_sample(targets[b]["masks"][:, None].float(), coords[i, None].expand(n, -1, -1))
+            for i, (b, n) in enumerate(zip(live, counts, strict=True))
+        ]  # [N_b, 1, P] each
+        tgt = pad_sequence([t[:, 0] for t in tgt_points], batch_first=True)  # [L, n_max, P]
         labels = pad_sequence([targets[b]["labels"] for b in live], batch_first=True)
         probs = logits.float().softmax(-1)  # [L, Q, K+1]
         cost = (
@@ -131,16 +141,22 @@ class HungarianMatcher(nn.Module):
         pred_masks: Tensor,
         targets: list[dict[str, Tensor]],
         generators: list[torch.Generator],
+        *,
+        mask_basis: Tensor | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
         """Per image, ``(query indices, target indices)`` of the optimal assignment.
 
         Arguments:
-          pred_logits: ``[B, Q, K+1]``; pred_masks: ``[B, Q, h, w]``.
+          pred_logits: ``[B, Q, K+1]``; pred_masks: ``[B, Q, h, w]``, or ``[B, Q, C]``
+            coefficients over ``mask_basis`` ``[B, C, h, w]``.
           targets: per image ``{"labels": [N], "masks": [N, H, W]}``.
           generators: one per image.
         """
         result = []
-        for cost in self.cost_matrices(pred_logits, pred_masks, targets, generators):
+        costs = self.cost_matrices(
+            pred_logits, pred_masks, targets, generators, mask_basis=mask_basis
+        )
+        for cost in costs:
             if cost is None:
                 empty = torch.zeros(0, dtype=torch.int64)
                 result.append((empty, empty.clone()))

@@ -31,6 +31,31 @@ def point_sample(values: Tensor, coords: Tensor) -> Tensor:
     return F.grid_sample(values, grid.to(values.dtype), align_corners=False).squeeze(3)
 
 
+def point_sample_rows(values: Tensor, index: Tensor, coords: Tensor) -> Tensor:
+    """``point_sample(values[index], coords)`` without forming ``values[index]``.
+
+    Arguments:
+      values: ``[T, C, H, W]`` maps (e.g. every target mask of a batch, once).
+      index: ``[N]`` the map each row samples (a map may serve several rows, or none).
+      coords: ``[N, P, 2]`` each row's points, as in :func:`point_sample`.
+
+    Returns ``[N, C, P]``. The rows of each map are sampled in one pass over it (padded to the
+    largest number of rows of a map), so no map is copied however many rows read it.
+    """
+    n, p = coords.shape[:2]
+    counts = torch.bincount(index, minlength=values.shape[0])
+    k = int(counts.max()) if n else 0
+    # The slot of each row among the rows of its map.
+    order = torch.argsort(index, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(index)
+    slot[order] = torch.arange(n, device=index.device) - first[index[order]]
+    grid = coords.new_zeros(values.shape[0], k, p, 2)
+    grid[index, slot] = coords
+    out = point_sample(values, grid.flatten(1, 2)).unflatten(2, (k, p))  # [T, C, k, P]
+    return out[index, :, slot]
+
+
 def uniform_points(n: int, num_points: int, *, generator: torch.Generator, device) -> Tensor:
     """``[n, num_points, 2]`` uniform points in [0, 1]^2 drawn from ``generator``."""
     return torch.rand(n, num_points, 2, generator=generator, device=device)

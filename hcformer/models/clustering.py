@@ -105,19 +105,48 @@ def decode_masks(
                 f"{size[1]}], got {tuple(assignment.shape)} (assignments fine to coarse: "
                 f"{[tuple(a.shape) for a in assignments]}, masks {tuple(masks.shape)})"
             )
-    cells = h * w
-    if cells <= BASIS_DECODE_MAX_CELLS and cells < x.shape[1] and x.is_contiguous():
+    if uses_basis((h, w), x.shape[1]) and x.is_contiguous():
         # Eq. (5) is linear in the masks and the same for every channel: decode the one-hot
         # map of each coarse cell (h * w channels) and combine the channels with one batched
         # product. Same result as decoding the channels (the matrix chain taken in the other
         # order), far fewer passes over the large fine maps when the coarse map is small.
-        eye = torch.eye(cells, dtype=x.dtype, device=x.device).expand(b, cells, cells)
-        basis = _decode_levels(eye.reshape(b, cells, h, w), assignments, levels_total)
+        basis = decode_basis(
+            assignments, (h, w), levels_total, batch_size=b, dtype=x.dtype, device=x.device
+        )
         dtype = torch.promote_types(x.dtype, basis.dtype)  # as ops.decode promotes
         out = torch.bmm(x.flatten(2).to(dtype), basis.flatten(2).to(dtype))  # [b, C, H W]
         return out.reshape(*lead, *basis.shape[-2:])
     out = _decode_levels(x, assignments, levels_total)
     return out.reshape(*lead, *out.shape[-2:])
+
+
+def uses_basis(coarse_size: tuple[int, int], channels: int) -> bool:
+    """Whether ``decode_masks`` of ``channels`` maps of ``coarse_size`` goes through the
+    one-hot basis of the coarse cells (:func:`decode_basis`): small maps, more channels than
+    cells."""
+    cells = coarse_size[0] * coarse_size[1]
+    return cells <= BASIS_DECODE_MAX_CELLS and cells < channels
+
+
+def decode_basis(
+    assignments: Sequence[torch.Tensor],
+    coarse_size: tuple[int, int],
+    levels_total: int = 3,
+    *,
+    batch_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The one-hot map of every coarse cell decoded with eq. (5): ``[B, h * w, H, W]``.
+
+    Decoding is linear, so the decoded masks of any coarse logits ``m`` [B, C, h, w] are
+    ``m.flatten(2) @ basis.flatten(2)``: channel c of the result is the sum over cells of
+    m[:, c, cell] times that cell's decoded map. ``assignments`` and ``levels_total`` as in
+    :func:`decode_masks` (the deepest assignment at twice ``coarse_size``).
+    """
+    h, w = coarse_size
+    eye = torch.eye(h * w, dtype=dtype, device=device).expand(batch_size, h * w, h * w)
+    return _decode_levels(eye.reshape(batch_size, h * w, h, w), assignments, levels_total)
 
 
 # Up to this many coarse cells (and fewer cells than channels) ``decode_masks`` decodes the cells'

@@ -5,7 +5,10 @@ the stride-32 features: ``input_proj`` makes the decoder's memory and a separate
 the mask features, the decoder predicts classes and stride-32 masks (eq. 4), and the masks are
 decoded level by level back to stride 4 with the soft assignments (eq. 5; 2x bilinear at the
 levels without a clustering module). In training every prediction set is decoded (deep
-supervision, decoded before the loss as the authors do); in eval only the final one.
+supervision, decoded before the loss as the authors do); in eval only the final one. When the
+stride-32 map is small (tiny scale) the training sets are handed to the loss as coefficients
+over the decoded one-hot maps of the coarse cells: the same logits, never materialised for
+every query.
 
 HCFormer+ adds a DETR encoder on the stride-32 map, inside ``backbone`` (see ``encoder.py``).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hcformer.models.clustering import decode_masks
+from hcformer.models.clustering import decode_basis, decode_masks, uses_basis
 from hcformer.models.encoder import BackboneWithEncoder, TransformerEncoder
 from hcformer.models.position_encoding import PositionEmbeddingSine
 
@@ -40,6 +43,10 @@ class HCFormer(nn.Module):
       mask_dim: width of the mask features (256).
       levels_total: downsamplings from stride 4 to 32 that the masks are decoded through (3).
     """
+
+    # Training outputs of small coarse maps as coefficients over a basis (``_training_sets``);
+    # False decodes every set densely (benchmarks/train_step.py compares the two).
+    factorised_training_masks: bool = True
 
     def __init__(
         self,
@@ -75,8 +82,10 @@ class HCFormer(nn.Module):
         """``images`` float [B, 3, H, W] RGB in 0..255, H and W multiples of 32.
 
         Returns the dict of docs/interfaces.md: ``pred_logits`` [B, Q, K+1], ``pred_masks``
-        [B, Q, H/4, W/4], ``aux_outputs`` (training: the earlier prediction sets, decoded the
-        same way; eval: ``[]``), ``assignments`` (fine to coarse) and ``cluster_scales``.
+        [B, Q, H/4, W/4], ``aux_outputs`` (training: the earlier prediction sets, held the
+        same way; eval: ``[]``), ``assignments`` (fine to coarse) and ``cluster_scales``. In
+        training with a small coarse map the sets hold ``mask_coefficients`` and
+        ``mask_basis`` instead of ``pred_masks`` (``_training_sets``).
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {list(images.shape)}")
@@ -95,26 +104,65 @@ class HCFormer(nn.Module):
 
         assignments = list(out.assignments)
         if self.training:
-            # All prediction sets in one call ([B, S, Q, h, w]): the neighbour weights of each
-            # level are computed once for the whole stack.
-            decoded = decode_masks(
-                masks.transpose(0, 1), assignments, levels_total=self.levels_total
-            ).unbind(1)
-            aux = [
-                {"pred_logits": logits[i], "pred_masks": decoded[i]}
-                for i in range(len(decoded) - 1)
-            ]
-            final = decoded[-1]
+            sets = self._training_sets(logits, masks, assignments)
+            final, aux = sets[-1], sets[:-1]
         else:
-            final = decode_masks(masks[-1], assignments, levels_total=self.levels_total)
+            final = {
+                "pred_logits": logits[-1],
+                "pred_masks": decode_masks(masks[-1], assignments, levels_total=self.levels_total),
+            }
             aux = []
         return {
-            "pred_logits": logits[-1],
-            "pred_masks": final,
+            **final,
             "aux_outputs": aux,
             "assignments": assignments,
             "cluster_scales": list(out.cluster_scales),
         }
+
+    def _training_sets(
+        self, logits: torch.Tensor, masks: torch.Tensor, assignments: list[torch.Tensor]
+    ) -> list[dict]:
+        """Every prediction set ``{"pred_logits", "pred_masks"}`` (decoded as in eval), or for a
+        small coarse map ``{"pred_logits", "mask_coefficients", "mask_basis"}``: the same
+        stride-4 logits held as the coarse logits [B, Q, h w] over the decoded one-hot maps of
+        the cells [B, h w, H, W] (eq. 5 is linear), so that the loss, which reads the masks at
+        a few points, never needs every query's full map (:func:`set_masks` makes them)."""
+        stacked = masks.transpose(0, 1)  # [B, S, Q, h, w]
+        coarse_size = tuple(stacked.shape[-2:])
+        if self.factorised_training_masks and uses_basis(
+            coarse_size, stacked.shape[1] * stacked.shape[2]
+        ):
+            basis = decode_basis(
+                assignments,
+                coarse_size,
+                self.levels_total,
+                batch_size=stacked.shape[0],
+                dtype=masks.dtype,
+                device=masks.device,
+            )
+            coefficients = stacked.flatten(-2)
+            return [
+                {
+                    "pred_logits": logits[i],
+                    "mask_coefficients": coefficients[:, i],
+                    "mask_basis": basis,
+                }
+                for i in range(len(logits))
+            ]
+        # All prediction sets in one call: the neighbour weights of each level are computed
+        # once for the whole stack.
+        decoded = decode_masks(stacked, assignments, levels_total=self.levels_total).unbind(1)
+        return [{"pred_logits": logits[i], "pred_masks": decoded[i]} for i in range(len(logits))]
+
+
+def set_masks(prediction: dict) -> torch.Tensor:
+    """The stride-4 mask logits [B, Q, H, W] of one prediction set of :class:`HCFormer`:
+    ``pred_masks``, or ``mask_coefficients`` [B, Q, C] over ``mask_basis`` [B, C, H, W]."""
+    if "pred_masks" in prediction:
+        return prediction["pred_masks"]
+    basis = prediction["mask_basis"]
+    out = prediction["mask_coefficients"].to(basis.dtype) @ basis.flatten(2)
+    return out.unflatten(-1, basis.shape[-2:])
 
 
 def _c2_xavier_fill(conv: nn.Conv2d) -> None:
