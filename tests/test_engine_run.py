@@ -269,3 +269,60 @@ def test_benchmark_train_writes_timing_json(work, tmp_path):
     assert result["input_size"] == [64, 64]
     assert result["seconds_per_iteration"] > 0
     assert result["images_per_second"] == pytest.approx(2 / result["seconds_per_iteration"])
+
+
+def test_data_workers_make_the_same_batches_as_the_training_process(work, reference):
+    """Samples are keyed by (seed, iteration, index): DataLoader workers prefetch exactly the
+    batches the training process would make, in order, from any start."""
+    from hcformer.config import build_config
+    from hcformer.data import build_dataset
+    from hcformer.engine.batches import TrainBatches, iterate
+
+    cfg = build_config(tiny_config(work / "data" / "ade20k"))
+    batches = TrainBatches(build_dataset(cfg.data, "train"), cfg, seed=3, passes=[[0], [1]])
+    inline = list(iterate(batches, 6, num_workers=0))
+    workers = list(iterate(batches, 6, num_workers=2))
+    assert len(inline) == len(workers) == ITERATIONS - 6
+    for want, got in zip(inline, workers, strict=True):
+        assert [p[2] for p in got] == [[0], [1]]
+        for (images_w, targets_w, _), (images_g, targets_g, _) in zip(want, got, strict=True):
+            assert torch.equal(images_w, images_g)
+            for tw, tg in zip(targets_w, targets_g, strict=True):
+                assert tw.keys() == tg.keys() == {"labels", "masks", "sem_seg"}
+                assert all(torch.equal(tw[k], tg[k]) for k in tw)
+    # Different iterations, different batches (the key includes the iteration).
+    assert not torch.equal(inline[0][0][0], inline[1][0][0])
+
+
+@pytest.mark.slow
+def test_workers_survive_a_group_sigterm_and_the_rerun_replays(work, reference):
+    """SLURM signals every process of a job step: with data workers the training process
+    still saves at an iteration boundary and exits 143, and the rerun ends bit for bit where
+    the uninterrupted single-process run did."""
+    run = work / "runs" / "workers" / "seed0"
+    argv = (
+        "train",
+        "--config",
+        str(work / "tiny.yaml"),
+        "--seed",
+        "0",
+        "--run-dir",
+        str(run),
+        "--set",
+        "data.num_workers=2",
+    )
+    proc = hcformer(*argv, start_new_session=True)  # its own group: killpg spares pytest
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 180
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert last.exists(), finish(proc)[1]
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == 143, out
+    assert "rerun to resume" in out and "Traceback" not in out
+    code, out = finish(hcformer(*argv))
+    assert code == 0, out
+    ref, got = weights(reference), weights(run)
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key

@@ -49,9 +49,9 @@ def random_targets(batch: int, height: int, width: int, num_classes: int, *, gen
 def time_training(cfg, *, batch: int, iterations: int, warmup: int, device) -> dict[str, Any]:
     import torch
 
+    from hcformer.engine.batches import train_pad_size
     from hcformer.engine.optim import build_optimizer
     from hcformer.engine.randomness import seed_init
-    from hcformer.engine.train import train_pad_size
     from hcformer.losses import build_criterion
     from hcformer.models import build_model
 

@@ -34,10 +34,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hcformer.config import Config, build_config, load_config, merge, parse_overrides, to_dict
 from hcformer.errors import ConfigError, HCFormerError
+
+if TYPE_CHECKING:
+    from hcformer.engine.batches import Pass
 
 SCALES = ("paper", "tiny", "smoke")
 
@@ -102,14 +105,6 @@ def run_config(
     return cfg, info
 
 
-def train_pad_size(cfg: Config) -> tuple[int, int]:
-    """The fixed padded size of training batches (so that padding never depends on how the
-    global batch is split): the LSJ canvas or the crop, rounded up to a multiple of 32."""
-    data = cfg.data
-    h, w = (data.lsj_size, data.lsj_size) if data.augmentation == "lsj" else tuple(data.crop)
-    return -(-h // 32) * 32, -(-w // 32) * 32
-
-
 # --------------------------------------------------------------------------------------
 # The loop.
 
@@ -140,6 +135,11 @@ class Trainer:
                 f"solver.micro_batch: {self.micro} does not divide the {self.per_rank} images "
                 "of each process"
             )
+        if cfg.data.num_workers < 0:
+            raise ConfigError(
+                f"data.num_workers: {cfg.data.num_workers}, expected 0 (load in the training "
+                "process) or more worker processes"
+            )
         if torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
@@ -154,6 +154,7 @@ class Trainer:
         import torch
 
         from hcformer.data import build_dataset
+        from hcformer.engine.batches import TrainBatches
         from hcformer.engine.optim import build_optimizer, build_scheduler
         from hcformer.engine.randomness import seed_init
         from hcformer.engine.runinfo import check_num_classes
@@ -164,6 +165,9 @@ class Trainer:
         if len(self.dataset) == 0:
             raise HCFormerError(f"data.root {self.cfg.data.root}: the training split has no images")
         check_num_classes(self.cfg, self.dataset)
+        self.batches = TrainBatches(
+            self.dataset, self.cfg, seed=self.seed, passes=self.micro_batches(0)
+        )
         seed_init(self.seed)
         self.model = build_model(self.cfg.model).to(self.device)
         self.model.train()
@@ -244,16 +248,6 @@ class Trainer:
             return save_checkpoint(self.state(), self.run_dir / CHECKPOINTS)
 
     # -- data ---------------------------------------------------------------------------------
-    def sample(self, iteration: int, global_index: int) -> dict[str, Any]:
-        from hcformer.data import train_transform
-        from hcformer.engine.randomness import augmentation_rng, dataset_index
-
-        position = iteration * self.cfg.solver.batch_size + global_index
-        record = self.dataset.load(dataset_index(self.seed, position, len(self.dataset)))
-        return train_transform(
-            record, self.cfg.data, augmentation_rng(self.seed, iteration, global_index)
-        )
-
     def micro_batches(self, iteration: int) -> list[list[int]]:
         """The global sample indices of this process, split into passes."""
         first = self.dist.rank * self.per_rank
@@ -261,50 +255,30 @@ class Trainer:
         return [indices[i : i + self.micro] for i in range(0, len(indices), self.micro)]
 
     def load_batch(self, iteration: int, indices: list[int]) -> tuple[Any, list[dict[str, Any]]]:
-        import torch
+        """The samples ``indices`` of ``iteration`` on this process's device."""
+        from hcformer.engine.batches import to_device
 
-        from hcformer.data import collate
-
-        batch = collate([self.sample(iteration, j) for j in indices], size_divisibility=32)
-        height, width = train_pad_size(self.cfg)
-        images = batch["images"]
-        if images.shape[-2] < height or images.shape[-1] < width:
-            padded = images.new_zeros((*images.shape[:2], height, width))
-            padded[..., : images.shape[-2], : images.shape[-1]] = images
-            images = padded
-        targets = []
-        for t in batch["targets"]:
-            masks = t["instances"]["masks"]
-            if tuple(masks.shape[-2:]) != tuple(images.shape[-2:]):
-                grown = masks.new_zeros((masks.shape[0], *images.shape[-2:]))
-                grown[:, : masks.shape[-2], : masks.shape[-1]] = masks
-                masks = grown
-            target = {
-                "labels": t["instances"]["labels"].to(self.device),
-                "masks": masks.to(self.device),
-            }
-            if "sem_seg" in t:
-                sem = t["sem_seg"]
-                if tuple(sem.shape) != tuple(images.shape[-2:]):
-                    grown = torch.full(tuple(images.shape[-2:]), 255, dtype=sem.dtype)
-                    grown[: sem.shape[0], : sem.shape[1]] = sem
-                    sem = grown
-                target["sem_seg"] = sem.to(self.device)
-            targets.append(target)
-        return images.to(self.device, non_blocking=True).float(), targets
+        return to_device(*self.batches.load(iteration, indices), self.device)
 
     # -- one iteration ----------------------------------------------------------------------
-    def step(self) -> dict[str, float]:
-        """One iteration over the global batch; returns this process's loss shares."""
+    def step(self, prefetched: list[Pass] | None = None) -> dict[str, float]:
+        """One iteration over the global batch; returns this process's loss shares.
+        ``prefetched``: this iteration's passes from :func:`hcformer.engine.batches.iterate`
+        (made here when absent)."""
         import torch
 
         from hcformer.engine import signals
+        from hcformer.engine.batches import to_device
         from hcformer.engine.distributed import all_reduce_sum
         from hcformer.engine.randomness import point_generator, seed_dropout
         from hcformer.losses import LossNorm, summarize
 
         it = self.iteration
-        passes = [self.load_batch(it, idx) + (idx,) for idx in self.micro_batches(it)]
+        if prefetched is None:
+            prefetched = self.batches[it]
+        passes = [
+            (*to_device(images, targets, self.device), idx) for images, targets, idx in prefetched
+        ]
         local = sum(
             (
                 self.criterion.norm_for(targets, self.cfg.model.head.queries).as_tensor()
@@ -374,6 +348,7 @@ class Trainer:
         import torch
 
         from hcformer.engine import signals
+        from hcformer.engine.batches import iterate
         from hcformer.engine.checkpoint import atomic_torch_save
         from hcformer.engine.distributed import all_reduce_sum
         from hcformer.engine.runinfo import FINAL_WEIGHTS
@@ -386,10 +361,16 @@ class Trainer:
         bar = Progress(total, self.iteration, enabled=main and progress)
         signals.register_saver(self.save)
         stopped = False
+        batches = iterate(
+            self.batches,
+            self.iteration,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         try:
             while self.iteration < total:
                 started = time.perf_counter()
-                totals = self.step()
+                totals = self.step(next(batches))
                 self.elapsed += time.perf_counter() - started
                 it = self.iteration
                 if it % max(solver.log_every, 1) == 0 or it == total:
@@ -422,6 +403,7 @@ class Trainer:
                 tracker.end("FAILED")
             raise
         finally:
+            batches.close()  # a DataLoader's workers end here
             signals.register_saver(None)
             bar.close()
         if stopped:

@@ -1,0 +1,146 @@
+"""The training batches of each iteration, made ahead by ``data.num_workers`` worker processes.
+
+A sample is keyed by (seed, iteration, global sample index) (:mod:`hcformer.engine.randomness`):
+which image, and how it is augmented, never depends on who makes it or when. So the batches of
+iteration ``i`` can be made by any process, in any order, ahead of time: :func:`iterate` hands
+them out in order from ``start``, made in the caller's process (``num_workers`` 0) or by a
+``torch.utils.data.DataLoader`` whose workers prefetch the next iterations while the current one
+trains (the paper-scale data pipeline: LSJ on 1024 x 1024 images is too slow for the training
+process alone). Both give the same tensors.
+
+Workers ignore the stop signals: the training process alone decides when to stop and saves at
+an iteration boundary (:mod:`hcformer.engine.signals`); its workers end with its loader.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hcformer.config import Config
+from hcformer.engine.signals import STOP_SIGNALS
+
+# One pass of one iteration: images [B, 3, H, W] (0..255), per-image targets ({"labels", "masks"}
+# and "sem_seg" where the dataset has it), and the global indices of its samples.
+Pass = tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[int]]
+
+
+def train_pad_size(cfg: Config) -> tuple[int, int]:
+    """The fixed padded size of training batches (so that padding never depends on how the
+    global batch is split): the LSJ canvas or the crop, rounded up to a multiple of 32."""
+    data = cfg.data
+    h, w = (data.lsj_size, data.lsj_size) if data.augmentation == "lsj" else tuple(data.crop)
+    return -(-h // 32) * 32, -(-w // 32) * 32
+
+
+class TrainBatches(Dataset):
+    """Item ``i``: the passes of iteration ``i`` of this process, on the CPU.
+
+    Arguments:
+      dataset: the training split (``hcformer.data.build_dataset(cfg.data, "train")``).
+      cfg: the run's config (data transforms, batch size, iterations).
+      seed: the run's seed.
+      passes: the global sample indices of each pass of this process (the same every
+        iteration: this rank's share of the global batch, split for gradient accumulation).
+    """
+
+    def __init__(self, dataset: Any, cfg: Config, *, seed: int, passes: list[list[int]]) -> None:
+        self.dataset = dataset
+        self.cfg = cfg
+        self.seed = seed
+        self.passes = passes
+
+    def __len__(self) -> int:
+        return self.cfg.solver.iterations
+
+    def __getitem__(self, iteration: int) -> list[Pass]:
+        return [(*self.load(iteration, indices), indices) for indices in self.passes]
+
+    def sample(self, iteration: int, global_index: int) -> dict[str, Any]:
+        """One augmented sample, keyed by (seed, iteration, global index)."""
+        from hcformer.data import train_transform
+        from hcformer.engine.randomness import augmentation_rng, dataset_index
+
+        position = iteration * self.cfg.solver.batch_size + global_index
+        record = self.dataset.load(dataset_index(self.seed, position, len(self.dataset)))
+        return train_transform(
+            record, self.cfg.data, augmentation_rng(self.seed, iteration, global_index)
+        )
+
+    def load(
+        self, iteration: int, indices: list[int]
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """The samples ``indices`` of ``iteration``, collated and padded to
+        :func:`train_pad_size` (masks with zeros, semantic labels with 255)."""
+        from hcformer.data import collate
+
+        batch = collate([self.sample(iteration, j) for j in indices], size_divisibility=32)
+        height, width = train_pad_size(self.cfg)
+        images = batch["images"]
+        if images.shape[-2] < height or images.shape[-1] < width:
+            padded = images.new_zeros((*images.shape[:2], height, width))
+            padded[..., : images.shape[-2], : images.shape[-1]] = images
+            images = padded
+        targets = []
+        for t in batch["targets"]:
+            masks = t["instances"]["masks"]
+            if tuple(masks.shape[-2:]) != tuple(images.shape[-2:]):
+                grown = masks.new_zeros((masks.shape[0], *images.shape[-2:]))
+                grown[:, : masks.shape[-2], : masks.shape[-1]] = masks
+                masks = grown
+            target = {"labels": t["instances"]["labels"], "masks": masks}
+            if "sem_seg" in t:
+                sem = t["sem_seg"]
+                if tuple(sem.shape) != tuple(images.shape[-2:]):
+                    grown = torch.full(tuple(images.shape[-2:]), 255, dtype=sem.dtype)
+                    grown[: sem.shape[0], : sem.shape[1]] = sem
+                    sem = grown
+                target["sem_seg"] = sem
+            targets.append(target)
+        return images, targets
+
+
+def to_device(
+    images: torch.Tensor, targets: list[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """A pass's tensors on ``device`` (asynchronous copies from pinned memory on CUDA); the
+    images as float, converted there."""
+    moved = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images.to(device, non_blocking=True).float(), moved
+
+
+def iterate(
+    batches: TrainBatches, start: int, *, num_workers: int, pin_memory: bool = False
+) -> Iterator[list[Pass]]:
+    """The passes of iterations ``start``, ``start + 1``, ... in order: made here, or by
+    ``num_workers`` worker processes that keep two iterations each ready ahead."""
+    if num_workers <= 0:
+        for iteration in range(start, len(batches)):
+            yield batches[iteration]
+        return
+    loader = DataLoader(
+        batches,
+        batch_size=None,  # an item is already an iteration's batch
+        sampler=range(start, len(batches)),
+        num_workers=num_workers,
+        collate_fn=_as_is,
+        pin_memory=pin_memory,
+        worker_init_fn=_ignore_stop_signals,
+        prefetch_factor=2,
+    )
+    yield from loader
+
+
+def _as_is(item: list[Pass]) -> list[Pass]:
+    return item
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker forked from the training process inherits its signal handlers (its own, or
+    submitit's): the stop signals are the training process's alone."""
+    for signum in (*STOP_SIGNALS, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
