@@ -166,7 +166,7 @@ class Trainer:
             raise HCFormerError(f"data.root {self.cfg.data.root}: the training split has no images")
         check_num_classes(self.cfg, self.dataset)
         self.batches = TrainBatches(
-            self.dataset, self.cfg, seed=self.seed, passes=self.micro_batches(0)
+            self.dataset, self.cfg, seed=self.seed, passes=self.micro_batches()
         )
         seed_init(self.seed)
         self.model = build_model(self.cfg.model).to(self.device)
@@ -248,17 +248,12 @@ class Trainer:
             return save_checkpoint(self.state(), self.run_dir / CHECKPOINTS)
 
     # -- data ---------------------------------------------------------------------------------
-    def micro_batches(self, iteration: int) -> list[list[int]]:
-        """The global sample indices of this process, split into passes."""
+    def micro_batches(self) -> list[list[int]]:
+        """The global sample indices of this process (the same every iteration), split into
+        passes."""
         first = self.dist.rank * self.per_rank
         indices = list(range(first, first + self.per_rank))
         return [indices[i : i + self.micro] for i in range(0, len(indices), self.micro)]
-
-    def load_batch(self, iteration: int, indices: list[int]) -> tuple[Any, list[dict[str, Any]]]:
-        """The samples ``indices`` of ``iteration`` on this process's device."""
-        from hcformer.engine.batches import to_device
-
-        return to_device(*self.batches.load(iteration, indices), self.device)
 
     # -- one iteration ----------------------------------------------------------------------
     def step(self, prefetched: list[Pass] | None = None) -> dict[str, float]:

@@ -25,6 +25,7 @@ one process).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,15 @@ def local_norm(
         if "sem_seg" in t:
             pixels += float((t["sem_seg"] != 255).sum())
     return LossNorm(float(len(targets)), masks, weight_sum, pixels)
+
+
+class Matched(NamedTuple):
+    """The matched masks of one prediction set, as the mask loss reads them."""
+
+    rows: Tensor  # their rows of the set's masks: [N, H, W] logits or [N, C] coefficients
+    images: Tensor  # [N] the image of each
+    target_ids: Tensor  # [N] the row of each one's target in the batch's target stack
+    draws: tuple[Tensor, Tensor]  # the random part of their point sampling (importance_draws)
 
 
 def regulariser(cluster_scales: list[Tensor], weight: float) -> Tensor | None:
@@ -163,11 +173,9 @@ class SetCriterion(nn.Module):
         targets: list[dict[str, Tensor]],
         indices,
         generators: list[torch.Generator],
-    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
-        """The matched masks of one prediction set (their rows of ``masks``: [N, H, W] logits or
-        [N, C] coefficients), the image of each, their targets (rows of the batch's target
-        stack), and the random part of their point sampling (each image's from its own
-        generator): ``None`` without targets."""
+    ) -> Matched | None:
+        """The matched masks of one prediction set (``None`` without targets); each image's
+        random draws come from its own generator."""
         # All images at once (indexing image by image would make backward write a zero tensor
         # of the whole batch per image).
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
@@ -176,7 +184,7 @@ class SetCriterion(nn.Module):
         batch_idx = batch_idx.to(masks.device)
         src_rows = masks[batch_idx, torch.cat([src for src, _ in indices]).to(masks.device)]
         # Each matched target's row in the batch's stack of target masks (``forward``).
-        tgt_ids = torch.cat(
+        target_ids = torch.cat(
             [targets[b]["first"] + tgt.to(masks.device) for b, (_, tgt) in enumerate(indices)]
         )
         draws = [
@@ -191,11 +199,13 @@ class SetCriterion(nn.Module):
             for b, (src, _) in enumerate(indices)
         ]
         candidates = torch.cat([c for c, _ in draws])
-        return src_rows, batch_idx, tgt_ids, (candidates, torch.cat([e for _, e in draws]))
+        return Matched(
+            src_rows, batch_idx, target_ids, (candidates, torch.cat([e for _, e in draws]))
+        )
 
     def _mask_losses(
         self,
-        matched: list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]],
+        matched: list[Matched],
         target_stack: Tensor,
         norm: LossNorm,
         mask_basis: Tensor | None,
@@ -203,17 +213,20 @@ class SetCriterion(nn.Module):
         """BCE and dice of each set in ``matched`` (``[sets]`` each), on importance-sampled
         points; the sets are sampled and scored in one pass. With ``mask_basis`` the matched
         rows are coefficients over it, and only the matched masks are ever formed."""
-        rows = torch.cat([m[0] for m in matched])
+        rows = torch.cat([m.rows for m in matched])
         if mask_basis is None:
             src_masks = rows[:, None].float()
         else:
-            images = torch.cat([m[1] for m in matched])
+            images = torch.cat([m.images for m in matched])
             src_masks = masks_over_basis(rows, images, mask_basis)[:, None]
-        tgt_ids = torch.cat([m[2] for m in matched])
-        draws = (torch.cat([m[3][0] for m in matched]), torch.cat([m[3][1] for m in matched]))
+        target_ids = torch.cat([m.target_ids for m in matched])
+        draws = (
+            torch.cat([m.draws[0] for m in matched]),
+            torch.cat([m.draws[1] for m in matched]),
+        )
         coords = importance_points(src_masks.detach(), draws, num_points=self.num_points)
         with torch.no_grad():
-            labels_t = point_sample_rows(target_stack, tgt_ids, coords)[:, 0]
+            labels_t = point_sample_rows(target_stack, target_ids, coords)[:, 0]
         logits_t = point_sample(src_masks, coords)[:, 0]
         bce = F.binary_cross_entropy_with_logits(logits_t, labels_t, reduction="none").mean(1)
         probs = logits_t.sigmoid()
@@ -222,7 +235,7 @@ class SetCriterion(nn.Module):
         dice = 1 - (numerator + 1) / (denominator + 1)
         # Per set: the masks of set i are the i-th block of rows.
         set_index = torch.cat(
-            [torch.full((len(m[0]),), i, device=rows.device) for i, m in enumerate(matched)]
+            [torch.full((len(m.rows),), i, device=rows.device) for i, m in enumerate(matched)]
         )
         per_set = torch.zeros(2, len(matched), device=rows.device, dtype=bce.dtype)
         per_set = per_set.index_add(1, set_index, torch.stack([bce, dice]))
