@@ -479,30 +479,39 @@ def _assign_ids(configs: dict[str, Config]) -> dict[str, str]:
     return ids
 
 
-@functools.lru_cache(maxsize=8)
-def _all_experiments(root: Path, scale: str) -> dict[str, Experiment]:
+@functools.lru_cache(maxsize=4)
+def _uses(root: Path) -> dict[str, list[tuple[Table, Row, Run]]]:
+    """Experiment id -> every (table, row, run) that uses it."""
     uses: dict[str, list[tuple[Table, Row, Run]]] = {}
     for table in _load_tables(root):
         for row in table.rows:
             for run in row.runs:
                 uses.setdefault(run.experiment_id, []).append((table, row, run))
-    out: dict[str, Experiment] = {}
-    for exp_id, users in sorted(uses.items()):
-        configs = [_resolve_run(root, run, scale) for _, _, run in users]
-        if len({config_hash(c) for c in configs}) > 1:
-            rows = ", ".join(f"{t.id}:{r.label}" for t, r, _ in users)
-            raise ConfigError(
-                f"experiment {exp_id}: rows {rows} are identical at paper scale but differ at "
-                f"scale {scale!r} (a row's schedule or overrides interact with the overlay)"
-            )
-        out[exp_id] = Experiment(
-            id=exp_id,
-            dataset=users[0][2].dataset,
-            config=configs[0],
-            rows=list(dict.fromkeys((t.id, r.label) for t, r, _ in users)),
-            requires=next((r.requires for _, r, _ in users if r.requires), ""),
+    return uses
+
+
+@functools.lru_cache(maxsize=64)
+def _experiment(root: Path, scale: str, exp_id: str) -> Experiment:
+    """Experiment ``exp_id`` (a key of :func:`_uses`) resolved at ``scale``."""
+    users = _uses(root)[exp_id]
+    configs = [_resolve_run(root, run, scale) for _, _, run in users]
+    if len({config_hash(c) for c in configs}) > 1:
+        rows = ", ".join(f"{t.id}:{r.label}" for t, r, _ in users)
+        raise ConfigError(
+            f"experiment {exp_id}: rows {rows} are identical at paper scale but differ at "
+            f"scale {scale!r} (a row's schedule or overrides interact with the overlay)"
         )
-    return out
+    return Experiment(
+        id=exp_id,
+        dataset=users[0][2].dataset,
+        config=configs[0],
+        rows=list(dict.fromkeys((t.id, r.label) for t, r, _ in users)),
+        requires=next((r.requires for _, r, _ in users if r.requires), ""),
+    )
+
+
+def _all_experiments(root: Path, scale: str) -> dict[str, Experiment]:
+    return {exp_id: _experiment(root, scale, exp_id) for exp_id in sorted(_uses(root))}
 
 
 def all_experiments(scale: str = "paper", root: str | Path | None = None) -> dict[str, Experiment]:
@@ -512,17 +521,19 @@ def all_experiments(scale: str = "paper", root: str | Path | None = None) -> dic
 
 
 def get_experiment(exp_id: str, scale: str = "paper", root: str | Path | None = None) -> Experiment:
-    """One experiment by canonical id; an unknown id is a ConfigError listing the valid ones."""
-    experiments = _all_experiments(Path(root) if root else experiments_dir(), scale)
-    if exp_id not in experiments:
+    """One experiment by canonical id (only its own runs are resolved); an unknown id is a
+    ConfigError listing the valid ones."""
+    path = Path(root) if root else experiments_dir()
+    known = sorted(_uses(path))
+    if exp_id not in known:
         import difflib
 
-        close = difflib.get_close_matches(exp_id, list(experiments), n=3)
+        close = difflib.get_close_matches(exp_id, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(
-            f"unknown experiment {exp_id!r}{hint}; valid experiments: {', '.join(experiments)}"
+            f"unknown experiment {exp_id!r}{hint}; valid experiments: {', '.join(known)}"
         )
-    return copy.deepcopy(experiments[exp_id])
+    return copy.deepcopy(_experiment(path, scale, exp_id))
 
 
 def resolve(exp_id: str, scale: str = "paper", root: str | Path | None = None) -> Config:
