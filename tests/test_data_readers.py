@@ -243,3 +243,19 @@ def test_cli_reports_a_missing_folder_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"hcformer evaluate-semantic: error: {tmp_path / 'nope'}: missing ground-truth folder"
     ]
+
+
+def test_packed_list_gives_back_the_items_and_slices():
+    from hcformer.data.base import ImageEntry, PackedList
+
+    items = [
+        ImageEntry(i, f"{i:06d}.jpg", f"{i:06d}", Path(f"/x/{i}.jpg"), extra={"segments": [i]})
+        for i in range(5)
+    ]
+    packed = PackedList(items)
+    assert len(packed) == 5 and list(packed) == items
+    assert packed[-1] == items[-1] and packed[2].extra == {"segments": [2]}
+    assert isinstance(packed[1:4], PackedList) and list(packed[1:4]) == items[1:4]
+    assert list(packed[:0]) == [] and len(PackedList([])) == 0
+    with pytest.raises(IndexError, match="index 5 out of range"):
+        packed[5]

@@ -16,7 +16,8 @@ Bad or missing files raise :class:`hcformer.errors.DataError` naming the file an
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import pickle
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,36 @@ class ImageEntry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class PackedList(Sequence):
+    """A read-only list of picklable items held as one byte buffer and its offsets.
+
+    The DataLoader workers of a training process are forked from it and read its dataset's
+    image list: a list of Python objects is copied page by page into every worker as reference
+    counts change (copy-on-write), which grows with the list (COCO: 118k images with their
+    segments) times the workers. One numpy buffer is never written, so it stays shared
+    (detectron2 serialises its dataset lists for the same reason). Items are unpickled on
+    access; slicing gives a ``PackedList``.
+    """
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        blobs = [pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL) for item in items]
+        self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+        self._data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return PackedList(self[j] for j in range(*i.indices(len(self))))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"PackedList index {i} out of range ({n} items)")
+        i %= n
+        start = int(self._ends[i - 1]) if i else 0
+        return pickle.loads(self._data[start : int(self._ends[i])].tobytes())
+
+
 class Dataset:
     """One split of a dataset: ``len(ds)``, ``ds.load(i) -> Record`` and the metadata below.
 
@@ -94,7 +125,8 @@ class Dataset:
     ) -> None:
         self.root = Path(root)
         self.split = split
-        self.entries = list(entries)
+        # Packed: shared by the DataLoader workers without copy-on-write growth.
+        self.entries = PackedList(entries)
         self.categories = categories
         self.image_dir = Path(image_dir)
 
