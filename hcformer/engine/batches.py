@@ -5,8 +5,8 @@ which image, and how it is augmented, never depends on who makes it or when. So 
 iteration ``i`` can be made by any process, in any order, ahead of time: :func:`iterate` hands
 them out in order from ``start``, made in the caller's process (``num_workers`` 0) or by a
 ``torch.utils.data.DataLoader`` whose workers prefetch the next iterations while the current one
-trains (the paper-scale data pipeline: LSJ on 1024 x 1024 images is too slow for the training
-process alone). Both give the same tensors.
+trains (at paper scale an iteration's share is several LSJ-augmented 1024 x 1024 images per
+GPU). Both give the same tensors.
 
 Workers ignore the stop signals: the training process alone decides when to stop and saves at
 an iteration boundary (:mod:`hcformer.engine.signals`); its workers end with its loader.
