@@ -120,16 +120,36 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "model_final.pt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.slow
-def test_sigterm_then_rerun_replays_bit_for_bit(work, reference):
-    run = work / "runs" / "killed" / "seed0"
-    argv = ("train", "--config", str(work / "tiny.yaml"), "--seed", "0", "--run-dir", str(run))
-    proc = hcformer(*argv)
+def train_argv(work: Path, run: Path, *extra: str) -> tuple[str, ...]:
+    """``hcformer train`` of the tiny config, seed 0, into ``run``."""
+    return (
+        "train",
+        "--config",
+        str(work / "tiny.yaml"),
+        "--seed",
+        "0",
+        "--run-dir",
+        str(run),
+        *extra,
+    )
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run: Path) -> Path:
+    """``run``'s last.pt once the running ``proc`` has written it."""
     last = run / "checkpoints" / "last.pt"
     deadline = time.time() + 180
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert last.exists(), finish(proc)[1]
+    return last
+
+
+@pytest.mark.slow
+def test_sigterm_then_rerun_replays_bit_for_bit(work, reference):
+    run = work / "runs" / "killed" / "seed0"
+    argv = train_argv(work, run)
+    proc = hcformer(*argv)
+    last = wait_for_checkpoint(proc, run)
     proc.send_signal(signal.SIGTERM)
     code, out = finish(proc)
     assert code == 143, out  # 128 + SIGTERM
@@ -159,16 +179,7 @@ def test_sigterm_then_rerun_replays_bit_for_bit(work, reference):
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(work, reference):
     run = work / "runs" / "ddp" / "seed0"
-    argv = (
-        "train",
-        "--config",
-        str(work / "tiny.yaml"),
-        "--seed",
-        "0",
-        "--run-dir",
-        str(run),
-        "--no-progress",
-    )
+    argv = train_argv(work, run, "--no-progress")
     common = {
         "WORLD_SIZE": "2",
         "MASTER_ADDR": "127.0.0.1",
@@ -195,17 +206,7 @@ def test_two_process_gloo_ddp_matches_one_process(work, reference):
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_pass(work, reference):
     run = work / "runs" / "accum" / "seed0"
-    argv = (
-        "train",
-        "--config",
-        str(work / "tiny.yaml"),
-        "--seed",
-        "0",
-        "--run-dir",
-        str(run),
-        "--set",
-        "solver.micro_batch=1",
-    )
+    argv = train_argv(work, run, "--set", "solver.micro_batch=1")
     code, out = finish(hcformer(*argv))
     assert code == 0, out
     ref, got = weights(reference), weights(run)
@@ -300,23 +301,9 @@ def test_workers_survive_a_group_sigterm_and_the_rerun_replays(work, reference):
     still saves at an iteration boundary and exits 143, and the rerun ends bit for bit where
     the uninterrupted single-process run did."""
     run = work / "runs" / "workers" / "seed0"
-    argv = (
-        "train",
-        "--config",
-        str(work / "tiny.yaml"),
-        "--seed",
-        "0",
-        "--run-dir",
-        str(run),
-        "--set",
-        "data.num_workers=2",
-    )
+    argv = train_argv(work, run, "--set", "data.num_workers=2")
     proc = hcformer(*argv, start_new_session=True)  # its own group: killpg spares pytest
-    last = run / "checkpoints" / "last.pt"
-    deadline = time.time() + 180
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert last.exists(), finish(proc)[1]
+    wait_for_checkpoint(proc, run)
     os.killpg(proc.pid, signal.SIGTERM)
     code, out = finish(proc)
     assert code == 143, out
