@@ -113,9 +113,7 @@ def decode_masks(
         basis = decode_basis(
             assignments, (h, w), levels_total, batch_size=b, dtype=x.dtype, device=x.device
         )
-        dtype = torch.promote_types(x.dtype, basis.dtype)  # as ops.decode promotes
-        out = torch.bmm(x.flatten(2).to(dtype), basis.flatten(2).to(dtype))  # [b, C, H W]
-        return out.reshape(*lead, *basis.shape[-2:])
+        return masks_from_basis(x.flatten(2), basis).reshape(*lead, *basis.shape[-2:])
     out = _decode_levels(x, assignments, levels_total)
     return out.reshape(*lead, *out.shape[-2:])
 
@@ -147,6 +145,16 @@ def decode_basis(
     h, w = coarse_size
     eye = torch.eye(h * w, dtype=dtype, device=device).expand(batch_size, h * w, h * w)
     return _decode_levels(eye.reshape(batch_size, h * w, h, w), assignments, levels_total)
+
+
+def masks_from_basis(coefficients: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Decoded masks from coarse logits over a :func:`decode_basis`: ``coefficients``
+    [B, ..., h * w] (one row per mask), ``basis`` [B, h * w, H, W] -> [B, ..., H, W], in the
+    promoted dtype of the two (as ``ops.decode`` promotes)."""
+    b, cells = coefficients.shape[0], coefficients.shape[-1]
+    dtype = torch.promote_types(coefficients.dtype, basis.dtype)
+    out = torch.bmm(coefficients.reshape(b, -1, cells).to(dtype), basis.flatten(2).to(dtype))
+    return out.reshape(*coefficients.shape[:-1], *basis.shape[-2:])
 
 
 # Up to this many coarse cells (and fewer cells than channels) ``decode_masks`` decodes the cells'

@@ -18,7 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hcformer.models.clustering import decode_basis, decode_masks, uses_basis
+from hcformer.models.clustering import (
+    decode_basis,
+    decode_masks,
+    masks_from_basis,
+    uses_basis,
+)
 from hcformer.models.encoder import BackboneWithEncoder, TransformerEncoder
 from hcformer.models.position_encoding import PositionEmbeddingSine
 
@@ -160,9 +165,7 @@ def set_masks(prediction: dict) -> torch.Tensor:
     ``pred_masks``, or ``mask_coefficients`` [B, Q, C] over ``mask_basis`` [B, C, H, W]."""
     if "pred_masks" in prediction:
         return prediction["pred_masks"]
-    basis = prediction["mask_basis"]
-    out = prediction["mask_coefficients"].to(basis.dtype) @ basis.flatten(2)
-    return out.unflatten(-1, basis.shape[-2:])
+    return masks_from_basis(prediction["mask_coefficients"], prediction["mask_basis"])
 
 
 def _c2_xavier_fill(conv: nn.Conv2d) -> None:
