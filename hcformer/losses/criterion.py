@@ -25,6 +25,7 @@ one process).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import NamedTuple
 
 import torch
@@ -268,7 +269,7 @@ class SetCriterion(nn.Module):
         # one stack [T, 1, H, W]; each image's masks are a view of it, from row "first".
         counts = [len(t["masks"]) for t in targets]
         target_stack = torch.cat([t["masks"] for t in targets]).float()[:, None]
-        firsts = torch.tensor([0, *counts[:-1]]).cumsum(0).tolist()
+        firsts = list(accumulate(counts[:-1], initial=0))
         targets = [
             dict(t, masks=target_stack[f : f + n, 0], first=f)
             for t, f, n in zip(targets, firsts, counts, strict=True)
