@@ -317,7 +317,7 @@ def _synthetic_batch(n: int = 4, size: int = 64, seed: int = 0):
 def _train(level: int, steps: int = 40) -> list[float]:
     model = tiny_model({"type": "fcn32s"}, {"hierarchy_level": level}, num_classes=3).train()
     x, y = _synthetic_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # the tiny scale's
     losses = []
     for _ in range(steps):
         logits = model(x)["sem_logits"]
@@ -333,7 +333,8 @@ def _train(level: int, steps: int = 40) -> list[float]:
 def test_tiny_hc_perpixel_model_learns_and_beats_fcn32s():
     """HC-FCN-32s learns the tiny batch, and better than FCN-32s on the same backbone: its
     stride-32 scores are decoded along the clusters to stride 4 instead of bilinearly (Table I b:
-    76.1 vs 71.7 mIoU). Measured: final loss ~0.2-0.3 against ~0.5-0.55 over three data seeds."""
+    76.1 vs 71.7 mIoU). Measured: final loss 0.19-0.38 against 0.55-0.59 over three data seeds
+    (with the He fan_in init; at 2e-3 it stalled at 0.79)."""
     hc = _train(level=3)
     fcn = _train(level=0)
     first, last = sum(hc[:3]) / 3, sum(hc[-3:]) / 3

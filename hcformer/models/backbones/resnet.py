@@ -139,10 +139,23 @@ def _narrow_stem(trunk: ResNet, stem_width: int) -> None:
         block.downsample = downsample_conv(
             stem_width, out_channels, kernel_size=1, norm_layer=FrozenBatchNorm2d
         )
-    for m in [trunk.conv1, *block.modules()]:
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     trunk.feature_info[0]["num_chs"] = stem_width
+
+
+def _init_fan_in(trunk: ResNet) -> None:
+    """He-normal init of every conv with ``fan_in`` (timm uses ``fan_out``).
+
+    A randomly initialised trunk has nothing to normalise with: its frozen BatchNorms are the
+    identity, so nothing undoes a conv's change of scale. With ``fan_out`` each bottleneck's
+    1x1 expansion (fan_out = 4x fan_in) shrinks activations, about 2x per stage: res5 came out
+    at 0.04 std on normalised images, and the head's queries started from features that barely
+    moved them (the tiny HCFormer's queries stayed class slots that ignored the image; see
+    docs/tiny-scale.md). ``fan_in`` keeps the scale (res5 about 0.4 std). Pretrained weights
+    replace this init.
+    """
+    for m in trunk.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
 
 def create_resnet_trunk(
@@ -158,7 +171,8 @@ def create_resnet_trunk(
     """timm's ``name`` ResNet with frozen BN, no classifier, optionally shrunk or dilated.
 
     ``zero_init_last`` is off: with frozen BN a zero-initialised last BN weight would stay zero
-    and silence every residual branch of a randomly initialised network.
+    and silence every residual branch of a randomly initialised network; for the same reason a
+    random init is He ``fan_in`` (:func:`_init_fan_in`).
     """
     trunk = timm.create_model(
         name,
@@ -174,6 +188,8 @@ def create_resnet_trunk(
     )
     if stem_width != 64:
         _narrow_stem(trunk, stem_width)
+    if not pretrained:
+        _init_fan_in(trunk)
     del trunk.fc, trunk.global_pool
     return trunk
 
