@@ -319,6 +319,26 @@ def test_random_init_keeps_the_activation_scale():
     assert min(stds) > 0.25, stds  # fan_out: 0.68 / 0.34 / 0.17 / 0.085
 
 
+def test_pretrained_trunk_keeps_its_weights_and_a_narrowed_stem_is_fan_in(monkeypatch):
+    """Under timm's pretrained weights only the convs a narrowed stem adds are initialised."""
+    created = {}
+    real = timm.create_model
+
+    def fake(name, pretrained=False, **kw):  # timm's model, as if its weights were loaded
+        model = real(name, pretrained=False, **kw)
+        created.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(timm, "create_model", fake)
+    bb = build_backbone(tiny("resnet50", pretrained="timm:resnet50.tv_in1k", hierarchy_level=0))
+    state = bb.state_dict()
+    kept = [k for k in state if k.startswith(("layer2.", "layer3.", "layer4."))]
+    assert kept and all(torch.equal(state[k], created[k]) for k in kept)
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer1.0.downsample.0.weight"):
+        fan_in = state[name][0].numel()
+        assert state[name].std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.25), name
+
+
 def test_batchnorm_is_frozen():
     torch.manual_seed(0)
     bb = build_backbone(tiny("resnet50", hierarchy_level=3))

@@ -19,6 +19,8 @@ baselines of App. E.1); it has no downsampling to cluster, so it needs ``hierarc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import timm
 from timm.models.resnet import ResNet, downsample_conv
 from torch import Tensor, nn
@@ -125,10 +127,11 @@ class ResNetBackbone(Backbone):
         return BackboneOutput(features=features, assignments=assignments, cluster_scales=scales)
 
 
-def _narrow_stem(trunk: ResNet, stem_width: int) -> None:
+def _narrow_stem(trunk: ResNet, stem_width: int) -> list[nn.Module]:
     """Give a timm ResNet a ``stem_width``-channel 7x7 stem (timm fixes the plain stem at 64
     channels): a narrower stem conv and BN, and layer1's first block re-wired for that input
-    (its 1x1 conv and shortcut projection, made with timm's own ``downsample_conv``)."""
+    (its 1x1 conv and shortcut projection, made with timm's own ``downsample_conv``). Returns
+    the modules that hold new, untrained weights (no checkpoint has them at this width)."""
     block = trunk.layer1[0]
     out_channels = block.conv3.out_channels
     trunk.conv1 = nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -140,10 +143,11 @@ def _narrow_stem(trunk: ResNet, stem_width: int) -> None:
             stem_width, out_channels, kernel_size=1, norm_layer=FrozenBatchNorm2d
         )
     trunk.feature_info[0]["num_chs"] = stem_width
+    return [trunk.conv1, *block.modules()]
 
 
-def _init_fan_in(trunk: ResNet) -> None:
-    """He-normal init of every conv with ``fan_in`` (timm uses ``fan_out``).
+def _init_fan_in(modules: Iterable[nn.Module]) -> None:
+    """He-normal init with ``fan_in`` of the convs among ``modules`` (timm uses ``fan_out``).
 
     A randomly initialised trunk has nothing to normalise with: its frozen BatchNorms are the
     identity, so nothing undoes a conv's change of scale. With ``fan_out`` each bottleneck's
@@ -153,7 +157,7 @@ def _init_fan_in(trunk: ResNet) -> None:
     docs/tiny-scale.md). ``fan_in`` keeps the scale (res5 about 0.4 std). Pretrained weights
     replace this init.
     """
-    for m in trunk.modules():
+    for m in modules:
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
@@ -172,7 +176,8 @@ def create_resnet_trunk(
 
     ``zero_init_last`` is off: with frozen BN a zero-initialised last BN weight would stay zero
     and silence every residual branch of a randomly initialised network; for the same reason a
-    random init is He ``fan_in`` (:func:`_init_fan_in`).
+    random init is He ``fan_in`` (:func:`_init_fan_in`), and so are the new convs of a narrowed
+    stem under pretrained weights.
     """
     trunk = timm.create_model(
         name,
@@ -186,10 +191,8 @@ def create_resnet_trunk(
         drop_path_rate=drop_path,
         zero_init_last=False,
     )
-    if stem_width != 64:
-        _narrow_stem(trunk, stem_width)
-    if not pretrained:
-        _init_fan_in(trunk)
+    fresh = _narrow_stem(trunk, stem_width) if stem_width != 64 else []
+    _init_fan_in(trunk.modules() if not pretrained else fresh)
     del trunk.fc, trunk.global_pool
     return trunk
 
