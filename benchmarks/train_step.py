@@ -4,12 +4,14 @@
                                     [--out benchmarks/out/train_step.json]
 
 Builds the trainer of ``--experiment`` at ``--scale`` (synthetic data is written on first use)
-and times full training steps (data, forward, loss, backward, AdamW) in ONE process under five
+and times full training steps (data, forward, loss, backward, AdamW) in ONE process under six
 variants, interleaved round by round so that load on a shared machine hits them alike:
 
 - ``fast``: the code as it runs (DCNv2 as ``grid_sample`` + one matrix product on CPU, the
   eq. (5) backward on the live channels only);
 - ``torchvision_dcn``: DCNv2 through ``torchvision.ops.deform_conv2d``'s CPU kernel instead;
+- ``broadcast_matmul_dcn``: DCNv2's channel-and-tap contraction as ``torch.matmul``'s broadcast
+  instead of ``torch.bmm`` (``hcformer.models.dcn.contract_taps``);
 - ``dense_decode_backward``: the eq. (5) backward over every channel, as if every query's mask
   had a loss;
 - ``level_by_level_decode``: every prediction set's masks decoded level by level even when the
@@ -18,7 +20,7 @@ variants, interleaved round by round so that load on a shared machine hits them 
   basis and one product) before the loss, instead of handing the loss the coefficients over the
   basis (it then forms only the matched masks).
 
-Each variant keeps its own model and optimiser from the same initial state, so all five see the
+Each variant keeps its own model and optimiser from the same initial state, so all six see the
 same batches. Writes JSON (per-step wall and CPU seconds, medians, and each variant's ratio to
 ``fast``: the median over rounds of the ratio within a round) and prints one readable line per
 variant.
@@ -40,6 +42,7 @@ from pathlib import Path
 @contextmanager
 def variant(name: str):
     """Switch the CPU fast path that ``name`` turns off (restored on exit)."""
+    import torch
     from torchvision.ops import deform_conv2d
 
     from hcformer.models import clustering, dcn
@@ -48,12 +51,15 @@ def variant(name: str):
 
     saved = (
         dcn.sampled_deform_conv2d,
+        dcn.contract_taps,
         fast.SPARSE_BACKWARD_BELOW,
         clustering.BASIS_DECODE_MAX_CELLS,
         HCFormer.factorised_training_masks,
     )
     if name == "torchvision_dcn":
         dcn.sampled_deform_conv2d = deform_conv2d
+    elif name == "broadcast_matmul_dcn":
+        dcn.contract_taps = torch.matmul
     elif name == "dense_decode_backward":
         fast.SPARSE_BACKWARD_BELOW = 0.0
     elif name == "level_by_level_decode":
@@ -65,6 +71,7 @@ def variant(name: str):
     finally:
         (
             dcn.sampled_deform_conv2d,
+            dcn.contract_taps,
             fast.SPARSE_BACKWARD_BELOW,
             clustering.BASIS_DECODE_MAX_CELLS,
             HCFormer.factorised_training_masks,
@@ -95,6 +102,7 @@ def main() -> int:
     names = [
         "fast",
         "torchvision_dcn",
+        "broadcast_matmul_dcn",
         "dense_decode_backward",
         "level_by_level_decode",
         "dense_training_masks",
