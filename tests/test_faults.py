@@ -34,7 +34,7 @@ import pytest
 
 from hcformer import cli
 
-EXP = "ade20k/hcformer-r50-L3-D8-Q100"  # smoke scale: tiny R50, tiny images, batch 8
+EXP = "ade20k/hcformer-r50-L3-D8-Q100"  # smoke scale: tiny R50, tiny images, batch 6
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
