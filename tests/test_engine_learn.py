@@ -1,96 +1,50 @@
-"""The tiny HCFormer learns: a short training on synthetic ADE20K-format data (128x128, classes
-that share colours and differ by texture or shape) clearly beats the untrained model.
+"""The tiny scale learns: the tiny HCFormer R50 with the recipe the tiny tables train
+(``experiments/scales/tiny.yaml``: 192x192 synthetic ADE20K-format data whose classes share
+colours and differ by texture or shape, 100 queries, 8 decoder layers, 300 iterations of 6
+images), one seed, through ``train`` and ``evaluate``.
 
-One seed against a loose bar (issue #5 item 7); ``benchmarks/tiny_training.py`` measures the
-median of three seeds of the tiny scale itself. The model is the tiny HCFormer (ResNet with
-DCNv2 and three clustering modules) with 8 queries and 2 decoder layers, the notes' prototype
-size, so that the test fits the CI budget.
+Issue #5's bar (mIoU >= 60 as the median of three seeds on 2 threads) is measured by
+``benchmarks/tiny_training.py``: seeds 0-5 on 2 threads 70.1 / 48.3 / 69.8 / 70.2 / 56.4 / 68.8;
+seeds 0-2 on one thread (tiny table V's L3 row) 75.6 / 32.9 / 69.6. Which seeds split the colour
+pairs depends on float rounding (thread count, CPU), so one seed's score on another machine is a
+draw from that spread: the test's bar sits under every run measured and far above a model that
+does not learn (the untrained model scores about 5; masks upsampled from the 6x6 map without
+the clustering hierarchy, tiny table V's L0 row, 14.7-28.9).
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from hcformer.config import build_config
 from hcformer.engine.evaluate import evaluate
-from hcformer.engine.train import train
+from hcformer.engine.train import run_config, train
 
-ITERATIONS = 300
-MIOU_BAR = 25.0  # percent; measured 36.7 here (1 seed) and 36.1 with 400 images; chance ~5
-
-
-def learn_config(root: Path) -> dict:
-    return {
-        "model": {
-            "num_classes": 8,
-            "backbone": {
-                "name": "resnet50",
-                "hierarchy_level": 3,
-                "dcnv2": True,
-                "cluster_dim": 32,
-                "depths": [1, 1, 1, 1],
-                "widths": [16, 32, 64, 128],
-                "stem_width": 8,
-            },
-            "head": {
-                "queries": 8,
-                "decoder_layers": 2,
-                "hidden_dim": 64,
-                "nheads": 4,
-                "dim_feedforward": 128,
-                "mask_dim": 64,
-            },
-        },
-        "data": {
-            "dataset": "ade20k",
-            "task": "semantic",
-            "root": str(root),
-            "synthetic": {"train_images": 200, "val_images": 24, "size": [128, 128], "seed": 0},
-            "train_split": "training",
-            "val_split": "validation",
-            "augmentation": "scale_crop",
-            "scale_range": [0.5, 2.0],
-            "crop": [128, 128],
-            "color_jitter": False,
-            "test_short": 128,
-            "test_max": 128,
-            "num_workers": 0,
-        },
-        "solver": {
-            "iterations": ITERATIONS,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "backbone_multiplier": 1.0,
-            "schedule": "poly",
-            "clip_grad": 0.01,
-            "amp": False,
-            "checkpoint_every": 0,
-            "log_every": 50,
-        },
-        "loss": {"num_points": 256},
-        "test": {"batch_size": 8, "visual_images": 0},
-        "tracking": {"enabled": False},
-    }
+EXPERIMENT = "ade20k/hcformer-r50-L3-D8-Q100"
+MIOU_BAR = 30.0  # percent
 
 
 @pytest.mark.slow
-def test_tiny_hcformer_learns_synthetic_ade20k(tmp_path):
-    # Threads as the environment gives them (2 on the CI machine; OMP_NUM_THREADS=1 is faster
-    # on a machine shared with other jobs).
-    cfg = build_config(learn_config(tmp_path / "ade20k"))
+def test_tiny_scale_learns_synthetic_ade20k(tmp_path):
+    # Threads as the environment gives them (2 on the CI machine).
+    cfg, info = run_config(
+        experiment=EXPERIMENT,
+        config_file=None,
+        scale="tiny",
+        seed=0,
+        overrides=[f"data.root={tmp_path / 'ade20k'}", "tracking.enabled=false"],
+    )
+    assert cfg.solver.iterations == 300 and cfg.solver.batch_size == 6  # the tiny recipe
     run = tmp_path / "run"
-    info = {"exp_id": "learn", "seed": 0, "scale": "test"}
     cpu, wall = time.process_time(), time.perf_counter()
     result = train(cfg, run, seed=0, info=info, progress=False)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    assert result.finished and result.iteration == ITERATIONS
+    assert result.finished and result.iteration == cfg.solver.iterations
     metrics = evaluate(run)
     print(
-        f"tiny learning: miou {metrics['miou']:.1f} after {ITERATIONS} it, "
+        f"tiny scale: miou {metrics['miou']:.1f} after {result.iteration} it, "
         f"{cpu:.0f} CPU-s, {wall:.0f} s at {torch.get_num_threads()} threads"
     )
     assert metrics["miou"] >= MIOU_BAR, metrics
