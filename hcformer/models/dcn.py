@@ -69,10 +69,10 @@ def sampled_deform_conv2d(
 def contract_taps(weight: Tensor, sampled: Tensor) -> Tensor:
     """``weight [O, K] @ sampled [B, K, N] -> [B, O, N]`` (K = channels x taps).
 
-    ``torch.bmm`` over the expanded weight: ``torch.matmul``'s broadcast gives the same numbers
-    but folds the batch into the rows through a transposed copy of ``sampled``, forward and
-    backward (1.2-1.9x slower at the tiny scale's shapes; ``benchmarks/train_step.py``, variant
-    ``broadcast_matmul_dcn``).
+    ``torch.bmm`` over the expanded weight: ``torch.matmul``'s broadcast computes the same
+    products but folds the batch into the rows through a transposed copy of ``sampled``, forward
+    and backward (the DCN 1.2-1.9x slower at the tiny scale's shapes, the whole training step
+    1.02x: ``benchmarks/train_step.py``, variant ``broadcast_matmul_dcn``).
     """
     return torch.bmm(weight.unsqueeze(0).expand(sampled.shape[0], -1, -1), sampled)
 
