@@ -332,7 +332,8 @@ def test_pretrained_trunk_keeps_its_weights_and_a_narrowed_stem_is_fan_in(monkey
     monkeypatch.setattr(timm, "create_model", fake)
     bb = build_backbone(tiny("resnet50", pretrained="timm:resnet50.tv_in1k", hierarchy_level=0))
     state = bb.state_dict()
-    kept = [k for k in state if k.startswith(("layer2.", "layer3.", "layer4."))]
+    pretrained_parts = ("layer1.0.conv2.", "layer1.0.conv3.", "layer2.", "layer3.", "layer4.")
+    kept = [k for k in state if k.startswith(pretrained_parts)]
     assert kept and all(torch.equal(state[k], created[k]) for k in kept)
     for name in ("conv1.weight", "layer1.0.conv1.weight", "layer1.0.downsample.0.weight"):
         fan_in = state[name][0].numel()

@@ -143,7 +143,8 @@ def _narrow_stem(trunk: ResNet, stem_width: int) -> list[nn.Module]:
             stem_width, out_channels, kernel_size=1, norm_layer=FrozenBatchNorm2d
         )
     trunk.feature_info[0]["num_chs"] = stem_width
-    return [trunk.conv1, *block.modules()]
+    fresh = [trunk.conv1, block.conv1]
+    return fresh + (list(block.downsample.modules()) if block.downsample is not None else [])
 
 
 def _init_fan_in(modules: Iterable[nn.Module]) -> None:
