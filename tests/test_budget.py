@@ -31,17 +31,21 @@ def _budget(tmp_path, *argv: str) -> tuple[dict, str]:
     return json.loads(out.read_text()), ""
 
 
-def test_figures_file_is_estimates_with_sources():
-    assert FIGURES["measured"] is False and "no GPU" in FIGURES["device"]
-    for family, figure in FIGURES["figures"].items():
+def test_figures_file_says_what_is_measured_and_how():
+    """Measured figures carry device, date and command; estimates say how they were derived."""
+    figures = FIGURES["figures"]
+    for family, figure in figures.items():
         assert figure["source"], family
-        assert figure["gpu_seconds_per_iter"] > 0 and figure["batch_size"] == 16
-    # The anchor: Mask2Former R50, 3 days on 8 V100 for 368,750 iterations; HCFormer R50 at the
-    # paper's GFLOPs ratio 87/226 (Table 1).
-    anchor = 8 * 3 * 86400 / 368750
-    assert pytest.approx(anchor * 87 / 226, abs=0.01) == R50
-    # The fixed share makes the anchor predict Mask2Former Swin-T on ADE20K (16 h, 8 V100, 160k).
-    assert anchor * (FIXED + (1 - FIXED) / 4) == pytest.approx(16 * 3600 * 8 / 160000, rel=0.02)
+        assert figure["gpu_seconds_per_iter"] > 0
+        if figure.get("measured"):
+            assert figure["date"] and "hcformer benchmark-train" in figure["command"], family
+        else:
+            assert figure["source"].startswith("estimate"), family
+    measured = {f for f, figure in figures.items() if figure.get("measured")}
+    assert measured == {"resnet50", "resnet50/maskformer", "swin_l", "resnet101/os8"}
+    assert FIGURES["device"] == "NVIDIA H200"
+    # The fixed share reproduces the two measured R50 crops: 16 x 1024^2 and 16 x 512^2 (0.192 s).
+    assert pytest.approx(0.192, rel=0.01) == R50 * (FIXED + (1 - FIXED) / 4)
 
 
 def test_table5_gpu_hours_by_hand(tmp_path, capsys):
@@ -54,9 +58,10 @@ def test_table5_gpu_hours_by_hand(tmp_path, capsys):
         assert line["wall_hours"] == pytest.approx(per_run / line["gpus"])
         assert line["gpu_hours_all_seeds"] == pytest.approx(3 * per_run)
     assert report["total"]["gpu_hours"] == pytest.approx(4 * 3 * per_run)
-    assert report["measured"] is False and report["note"].startswith("ESTIMATES")
+    assert report["measured"] is True and report["note"] == "all figures measured"
     text = capsys.readouterr().out
-    assert "estimate" in text and "ESTIMATES" in text and "2.16 at batch 16, 1024x1024" in text
+    assert "0.38 at batch 16, 1024x1024 [measured: NVIDIA H200, 2026-12-04]" in text
+    assert "command: hcformer benchmark-train --experiment coco_panoptic/hcformer-r50" in text
 
 
 def test_all_tables_total_counts_shared_experiments_once(tmp_path, capsys):
@@ -72,11 +77,15 @@ def test_all_tables_total_counts_shared_experiments_once(tmp_path, capsys):
     ade = by_id["ade20k/hcformer-r50-L3-D8-Q100"]
     assert ade["crop"] == [512, 512] and ade["iterations"] == 160000
     assert ade["gpu_hours"] == pytest.approx(160000 * R50 * (FIXED + (1 - FIXED) / 4) / 3600)
-    # MaskFormer's published schedule: batch 64, so four times the figure of batch 16.
+    # MaskFormer's published schedule: batch 64, measured at 64: the figure as it is.
     (maskformer,) = [line for line in by_id.values() if line["family"] == "resnet50/maskformer"]
     figure = FIGURES["figures"]["resnet50/maskformer"]["gpu_seconds_per_iter"]
     assert maskformer["batch_size"] == 64
-    assert maskformer["gpu_seconds_per_iter"] == pytest.approx(figure * 4)
+    assert maskformer["gpu_seconds_per_iter"] == pytest.approx(figure)
+    # HCFormer Swin-L measured at 8 images: the paper's 16 cost twice the figure.
+    swinl = by_id["coco_panoptic/hcformer-swinl-L3-D8-Q200"]
+    assert swinl["batch_size"] == 16
+    assert swinl["gpu_seconds_per_iter"] == pytest.approx(2 * 0.492)
     text = capsys.readouterr().out
     assert "campaign" in text and f"{report['total']['gpu_hours']:,.0f}" in text
 
@@ -107,10 +116,12 @@ def test_a_measured_benchmark_replaces_the_estimate(tmp_path):
     bench.write_text(json.dumps({**measured, "gpus": 2}))
     report, _ = _budget(tmp_path, "--table", "table5", "--gpu-seconds-per-iter", str(bench))
     assert report["experiments"][0]["gpu_seconds_per_iter"] == pytest.approx(2.0)
-    # Only the measured family changes: Swin-L of table 1 stays an estimate.
+    # Only the measured family changes: Swin-S of table 1 stays an estimate.
     report, _ = _budget(tmp_path, "--table", "table1", "--gpu-seconds-per-iter", str(bench))
-    assert report["figures"]["resnet50"]["measured"] and not report["figures"]["swin_l"]["measured"]
-    assert report["measured"] is False
+    assert report["figures"]["resnet50"]["device"] == "NVIDIA H200"
+    assert report["figures"]["resnet50"]["gpu_seconds_per_iter"] == pytest.approx(1.0)
+    assert not report["figures"]["swin_s"]["measured"]
+    assert report["measured"] is False and report["note"].startswith("ESTIMATES")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""``hcformer budget``: the GPU-hours of the paper's campaign before submitting it (issue #9, item 3).
+"""``hcformer budget``: the GPU-hours of the paper's campaign before submitting it.
 
     hcformer budget [--table ID|all] [--gpu-seconds-per-iter FILE ...] [--seeds 3] [--out JSON]
 
@@ -13,8 +13,8 @@ with ``f`` the fixed (not pixel-proportional) share of an iteration's cost. A ru
 time is its GPU-hours over its GPUs; a table costs the sum of its experiments times the seeds;
 the campaign counts an experiment shared by several tables once.
 
-The figures come from ``experiments/gpu_seconds_per_iter.yaml`` (estimates, each with its
-source), overridden per family by files given with ``--gpu-seconds-per-iter``: the same YAML
+The figures come from ``experiments/gpu_seconds_per_iter.yaml`` (measured ones with their
+device, date and command; estimates with their derivation), overridden per family by files given with ``--gpu-seconds-per-iter``: the same YAML
 format, or the JSON of ``hcformer benchmark-train`` (one measured experiment). The output says
 which figures are measured and which are estimates, and on what device.
 
@@ -37,7 +37,16 @@ from hcformer.errors import ConfigError
 
 DEFAULT_SEEDS = 3  # the paper trains every model three times (Sec. 4.1)
 FIGURES_FILE = "gpu_seconds_per_iter.yaml"
-FIGURE_KEYS = {"gpu_seconds_per_iter", "batch_size", "crop", "source", "device", "measured"}
+FIGURE_KEYS = {
+    "gpu_seconds_per_iter",
+    "batch_size",
+    "crop",
+    "source",
+    "device",
+    "measured",
+    "date",
+    "command",
+}
 
 
 @dataclass
@@ -51,6 +60,8 @@ class Figure:
     source: str
     measured: bool
     device: str
+    date: str = ""  # when a measured figure was taken
+    command: str = ""  # the command that measured it
 
 
 @dataclass
@@ -126,6 +137,8 @@ def _figure(family: str, raw: Any, where: str, measured: bool, device: str) -> F
         source=str(raw.get("source", "")),
         measured=bool(raw.get("measured", measured)),
         device=str(raw.get("device", device)),
+        date=str(raw.get("date", "")),
+        command=" ".join(str(raw.get("command", "")).split()),
     )
 
 
@@ -337,11 +350,14 @@ def render(budget: dict[str, Any], detail: bool) -> str:
     lines += ["", "figures used (GPU-seconds per iteration, summed over GPUs):"]
     for family, f in budget["figures"].items():
         kind = "measured" if f["measured"] else "estimate"
+        when = f", {f['date']}" if f["date"] else ""
         crop = f"{f['crop'][0]}x{f['crop'][1]}"
         lines.append(
             f"  {family}: {f['gpu_seconds_per_iter']:g} at batch {f['batch_size']}, {crop} "
-            f"[{kind}: {f['device']}]"
+            f"[{kind}: {f['device']}{when}]"
         )
+        if f["command"]:
+            lines.append(f"      command: {f['command']}")
         if f["source"]:
             lines.append(f"      source: {f['source']}")
     lines.append(
