@@ -9,12 +9,23 @@ params, GFLOPs and latency. Targets: all_tables, table_<id> for each paper table
 report. Each scale writes under results/<scale>/. See docs/pipeline.md.
 """
 
+import yaml
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
 configfile: "workflow/config.yaml"
+
+
+# `--config profile_latency=true` arrives as the string "true" (Snakemake reads only True/False
+# as booleans): the boolean keys of the schema take true/false as YAML writes them.
+with open("workflow/schemas/config.schema.yaml") as _fh:
+    for _key, _spec in yaml.safe_load(_fh)["properties"].items():
+        _value = config.get(_key)
+        if _spec.get("type") == "boolean" and isinstance(_value, str):
+            if _value.lower() in ("true", "false"):
+                config[_key] = _value.lower() == "true"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

@@ -137,6 +137,55 @@ def test_slurm_profile_is_the_paper_scale_with_a_job_per_run(slurm_dry_run):
     )
 
 
+def test_command_line_config_adds_to_the_slurm_profile():
+    """`--config` on the command line adds to the profile's settings (its `configfile:`), never
+    replaces them: setting the partition keeps the paper scale on SLURM, and `scale=smoke` runs
+    the smoke scale through the slurm launcher, one job per (experiment, seed)."""
+    out = snakemake(
+        "-n", "-p", "--profile", "slurm", "all_tables",
+        "--config", "slurm={partition: gpu, account: myproj}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    info = banner(text)
+    assert info["scale"] == "paper" and info["launcher"] == "slurm"
+    jobs = run_jobs(text)
+    assert len(jobs) == 3 * len(all_experiments("paper"))
+    for job in jobs:
+        assert "--scale paper" in job["shell"] and "--launcher slurm" in job["shell"]
+        assert "--partition gpu --account myproj" in job["shell"]
+        assert f"--seed {job['seed']} " in job["shell"]
+
+    out = snakemake("-n", "-p", "--profile", "slurm", "all_tables", "--config", "scale=smoke")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    info = banner(text)
+    assert info["scale"] == "smoke" and info["launcher"] == "slurm"
+    assert info["results"] == "results/smoke" and int(info["cores"]) == 256
+    jobs = run_jobs(text)
+    assert len(jobs) == 3 * len(all_experiments("smoke"))  # not batched: a job per seed
+    assert all("--scale smoke" in j["shell"] and "--launcher slurm" in j["shell"] for j in jobs)
+    assert not any("--partition" in j["shell"] for j in jobs)  # none set anywhere
+
+
+@pytest.mark.parametrize("value", ["true", "True", "false"])
+def test_boolean_config_takes_true_and_false_as_yaml_writes_them(value):
+    """`--config profile_latency=true` (docs/pipeline.md) turns latency on; Snakemake itself
+    reads only `True`/`False` as booleans."""
+    out = snakemake(
+        "-n", "-p", "--cores", "1", "table_table5", "--config", f"profile_latency={value}"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    profile = [ln for ln in out.stdout.splitlines() if "hcformer profile --table table5" in ln]
+    assert profile and all(("--latency" in ln) == (value.lower() == "true") for ln in profile)
+
+
+def test_a_boolean_config_that_is_not_true_or_false_is_refused():
+    out = snakemake("-n", "--cores", "1", "table_table5", "--config", "profile_latency=maybe")
+    assert out.returncode != 0
+    assert "'maybe' is not of type 'boolean'" in out.stdout + out.stderr
+
+
 def test_slurm_profile_is_found_at_the_top_level_and_no_default_profile():
     assert (ROOT / "slurm").resolve() == (ROOT / "workflow" / "profiles" / "slurm").resolve()
     assert (ROOT / "slurm" / "config.yaml").is_file()
