@@ -64,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        code = int(module.main(rest) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`hcformer experiments --json | head`): stop quietly, as Unix
+        # tools do; stdout goes to /dev/null so that Python's own flush at exit cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool the closed pipe ended
     except HCFormerError as exc:
         if debug:
             raise

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from hcformer import cli
+from hcformer.errors import HCFormerError
 from hcformer.launch.executors import SlurmOptions
 from hcformer.launch.job import RunJob, RunSpec
 from hcformer.launch.runfolder import RunLock, RunLockedError, read_job
@@ -303,3 +304,69 @@ def test_the_waiting_process_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) < 100_000  # KiB
+
+
+REAL_EXP = "ade20k/hcformer-r50-L3-D8-Q100"  # a registry id: the slurm launcher reads its resources
+
+
+def _path_without_slurm(*first: Path) -> str:
+    """$PATH without the folders that hold a SLURM client (CI's cluster has one)."""
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    dirs = [d for d in dirs if not any((Path(d) / t).exists() for t in ("sbatch", "srun"))]
+    return os.pathsep.join([*map(str, first), *dirs])
+
+
+def _slurm_run(engine, results, *extra):
+    argv = ["run", "--experiment", REAL_EXP, "--scale", "smoke", "--results", str(results)]
+    return cli.main([*argv, "--seed", "0", "--launcher", "slurm", "--engine", engine, *extra])
+
+
+def test_slurm_launcher_without_slurm_is_one_line_exit_2(engine, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", _path_without_slurm())
+    assert _slurm_run(engine, tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("hcformer run: error: --launcher slurm: no sbatch or srun on PATH")
+    assert "--launcher local or inline" in err
+    with pytest.raises(HCFormerError, match="no sbatch or srun"):  # --debug: the traceback
+        _slurm_run(engine, tmp_path / "r", "--debug")
+
+
+def test_a_refused_sbatch_is_one_line_quoting_the_scheduler(engine, tmp_path, monkeypatch, capsys):
+    """sbatch exits 1 with SLURM's two-line refusal: one line, exit 2, its message quoted."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    refusal = (
+        "sbatch: error: Batch job submission failed: "
+        "Invalid account or account/partition combination specified"
+    )
+    scripts = {
+        "sbatch": f"#!/bin/sh\necho 'sbatch: error: invalid account: nope' >&2\necho '{refusal}' >&2\nexit 1\n",
+        "srun": "#!/bin/sh\nexit 0\n",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", _path_without_slurm(bin_dir))
+    assert _slurm_run(engine, tmp_path / "r", "--account", "nope") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err == (
+        "hcformer run: error: the scheduler refused the job (slurm): "
+        f"sbatch: error: invalid account: nope {refusal}\n"
+    )
+    assert not (_run_dir(tmp_path / "r", 0) / ".lock").exists()
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`hcformer experiments --json | head -1`: no BrokenPipeError, nothing on stderr."""
+    cmd = f"{sys.executable} -m hcformer.cli experiments --json | head -1"
+    out = subprocess.run(
+        ["bash", "-c", cmd + "; echo status=${PIPESTATUS[0]} >&2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.stdout == "[\n"
+    assert out.stderr == "status=141\n"  # 128 + SIGPIPE, like any Unix tool; no traceback

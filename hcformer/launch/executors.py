@@ -10,14 +10,16 @@ earlier process) has ended, without importing torch.
 from __future__ import annotations
 
 import contextlib
+import io
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.utils import JobPaths, pickle_load
+from submitit.core.utils import FailedJobError, JobPaths, pickle_load
 
-from hcformer.errors import ConfigError
+from hcformer.errors import ConfigError, HCFormerError
 from hcformer.launch.runfolder import FINISHED_STATES, job_alive, pid_alive, slurm_job_state
 
 
@@ -96,6 +98,12 @@ def make_executor(
 ) -> submitit.Executor:
     """A submitit executor writing its files (pickles, logs) into ``folder``."""
     if launcher == "slurm":
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise HCFormerError(
+                f"--launcher slurm: no {' or '.join(missing)} on PATH, so no SLURM client on "
+                "this machine; run on the cluster's login node, or use --launcher local or inline"
+            )
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=100)
         executor.update_parameters(**(slurm or {}))
         return executor
@@ -163,7 +171,15 @@ def reattach(job: dict[str, Any] | None, launcher: str) -> JobHandle | None:
 
 
 def submit(executor: submitit.Executor, launcher: str, folder: Path, fn: Any) -> JobHandle:
-    job = executor.submit(fn)
+    """Submit ``fn``; a refusal by the scheduler (sbatch's error) is one HCFormerError line."""
+    # submitit prints sbatch's stderr itself before raising: keep it for the one-line message.
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            job = executor.submit(fn)
+    except FailedJobError as exc:
+        message = " ".join((str(exc) or printed.getvalue()).split()) or "no message"
+        raise HCFormerError(f"the scheduler refused the job ({launcher}): {message}") from exc
     pid = None
     if launcher == "local":
         process = getattr(job, "_process", None)
