@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import select
 import sys
 
 # name -> (module, one-line help). Every module defines ``main(argv: list[str]) -> int``.
@@ -45,6 +46,16 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (captured, closed)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("HCFORMER_DEBUG") == "1"
@@ -68,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe or socket: a real error
         # The reader went away (`hcformer experiments --json | head`): stop quietly, as Unix
         # tools do; stdout goes to /dev/null so that Python's own flush at exit cannot fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,18 @@ def test_a_closed_pipe_ends_the_command_quietly():
     )
     assert out.stdout == "[\n"
     assert out.stderr == "status=141\n"  # 128 + SIGPIPE, like any Unix tool; no traceback
+
+
+def test_a_broken_pipe_elsewhere_is_not_swallowed(monkeypatch):
+    """Only a closed stdout ends a command quietly; a BrokenPipeError of another pipe or socket
+    (an MLflow server going away) still surfaces."""
+    module = types.ModuleType("hcformer_test_broken_pipe")
+
+    def main(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    module.main = main
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.COMMANDS, "pipe-test", (module.__name__, "raises BrokenPipeError"))
+    with pytest.raises(BrokenPipeError):
+        cli.main(["pipe-test"])
