@@ -17,10 +17,12 @@ without changing the code path. Every backbone's ``forward(x)`` takes normalised
 
 ``cfg.pretrained``: ``""`` (random init), a local checkpoint file (torch state dict; timm,
 torchvision, detectron2 or Swin-release key names), or ``"timm:<model name>"`` (timm's
-pretrained weights through its hub cache; ``PAPER_PRETRAINED`` names the paper's ImageNet
-weights). The clustering modules, DCN offset convs and biases, and Swin's output norms are new
-and are expected to be absent from any checkpoint; a checkpoint that lacks any other weight of
-the backbone, or holds weights it does not know (other than a classifier), is an error.
+pretrained weights: ``<name>.safetensors`` in the weights folder of ``hcformer fetch-weights``
+when it is there, else through huggingface_hub's cache, see :mod:`hcformer.pretrained`;
+``PAPER_PRETRAINED`` names the paper's ImageNet weights). The clustering modules, DCN offset
+convs and biases, and Swin's output norms are new and are expected to be absent from any
+checkpoint; a checkpoint that lacks any other weight of the backbone, or holds weights it does
+not know (other than a classifier), is an error.
 """
 
 from __future__ import annotations
@@ -184,7 +186,12 @@ def build_backbone(cfg: BackboneConfig, *, norm_all_features: bool = False) -> B
 
 def _create_trunk(cfg: BackboneConfig, timm_name: str) -> nn.Module:
     """timm's model for ``cfg`` (the paper's size unless shape keys shrink it); with
-    ``timm_name``, that timm model with its pretrained weights."""
+    ``timm_name``, that timm model with its pretrained weights (from the weights folder when
+    it holds them, which needs no network)."""
+    from hcformer.pretrained import local_weights
+
+    local = local_weights(timm_name) if timm_name else None
+    pretrained_file = str(local) if local is not None else None
     if cfg.name in RESNET_SIZES:
         size = RESNET_SIZES[cfg.name]
         return create_resnet_trunk(
@@ -195,6 +202,7 @@ def _create_trunk(cfg: BackboneConfig, timm_name: str) -> nn.Module:
             output_stride=cfg.output_stride,
             drop_path=cfg.drop_path,
             pretrained=bool(timm_name),
+            pretrained_file=pretrained_file,
         )
     size = SWIN_SIZES[cfg.name]
     return create_swin_trunk(
@@ -205,6 +213,7 @@ def _create_trunk(cfg: BackboneConfig, timm_name: str) -> nn.Module:
         window_size=cfg.window_size or size["window_size"],
         drop_path=cfg.drop_path,
         pretrained=bool(timm_name),
+        pretrained_file=pretrained_file,
     )
 
 

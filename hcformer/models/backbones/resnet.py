@@ -172,6 +172,7 @@ def create_resnet_trunk(
     output_stride: int,
     drop_path: float,
     pretrained: bool = False,
+    pretrained_file: str | None = None,
 ) -> ResNet:
     """timm's ``name`` ResNet with frozen BN, no classifier, optionally shrunk or dilated.
 
@@ -183,6 +184,8 @@ def create_resnet_trunk(
     trunk = timm.create_model(
         name,
         pretrained=pretrained,
+        # a local checkpoint instead of the hub (timm's own loading and key filters)
+        pretrained_cfg_overlay={"file": pretrained_file} if pretrained_file else None,
         layers=tuple(depths),
         channels=tuple(widths),
         num_classes=0,

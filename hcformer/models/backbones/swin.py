@@ -167,12 +167,15 @@ def create_swin_trunk(
     window_size: int,
     drop_path: float,
     pretrained: bool = False,
+    pretrained_file: str | None = None,
 ) -> SwinTransformer:
     """timm's ``name`` Swin for any input size divisible by 32, without classifier or final
     norm (the backbone owns its output norms)."""
     trunk = timm.create_model(
         name,
         pretrained=pretrained,
+        # a local checkpoint instead of the hub (timm's own loading and key filters)
+        pretrained_cfg_overlay={"file": pretrained_file} if pretrained_file else None,
         embed_dim=embed_dim,
         depths=tuple(depths),
         num_heads=tuple(num_heads),
