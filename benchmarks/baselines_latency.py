@@ -23,11 +23,17 @@ HC-PSPNet and HC-Deeplabv3 at most 0.4x their baselines (the paper's 19.0/48.7 a
 ms on ADE20K on its GPU).
 
     python benchmarks/baselines_latency.py --out benchmarks/out/baselines_latency.json
+
+The inference fast paths of :mod:`hcformer.models.fuse` apply to every model alike: ``--fuse``
+(BatchNorms folded into the convs), ``--channels-last``, ``--dtype bfloat16`` (autocast),
+``--compile [MODE]`` and ``--cuda-graph`` (with ``--device cuda``, where ratios are taken on
+wall-clock time, each call synchronised).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -39,6 +45,12 @@ import torch
 
 from hcformer.config import build_config
 from hcformer.models import build_model
+from hcformer.models.fuse import (
+    InferenceOptions,
+    add_inference_arguments,
+    apply_options,
+    inference_options,
+)
 
 R50_COCO = {"name": "resnet50", "pretrained": ""}
 R101 = {"name": "resnet101", "pretrained": ""}
@@ -142,13 +154,31 @@ PAPER_MS = {
 }
 
 
-def build(label: str, num_classes: int | None) -> torch.nn.Module:
+def build(
+    label: str,
+    num_classes: int | None,
+    options: InferenceOptions | None = None,
+    device: str = "cpu",
+    spec_update: Any = None,
+) -> torch.nn.Module:
+    """``label``'s model (random init, eval mode) on ``device``, with the inference ``options``.
+    ``spec_update(spec) -> spec`` may shrink the model spec (``benchmarks/gpu.py --quick``)."""
     spec = dict(MODELS[label])
     if num_classes is not None:
         spec["num_classes"] = num_classes
+    if spec_update is not None:
+        spec = spec_update(spec)
     cfg = build_config({"model": spec})
     torch.manual_seed(0)
-    return build_model(cfg.model).eval()
+    model = build_model(cfg.model).eval()
+    if device != "cpu":  # (under ``with torch.device("meta")`` it stays there)
+        model = model.to(device)
+    return apply_options(model, options or InferenceOptions(), inplace=True)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def _paper_ratio(group: str, fast: str, slow: str) -> float | None:
@@ -160,13 +190,17 @@ def _paper_ratio(group: str, fast: str, slow: str) -> float | None:
 
 def time_group(name: str, group: dict, args: argparse.Namespace) -> dict[str, Any]:
     h, w = group["size"]
-    models = {m: build(m, group["num_classes"]) for m in group["models"]}
-    params = {m: sum(p.numel() for p in mod.parameters()) / 1e6 for m, mod in models.items()}
+    options, device = inference_options(args), args.device
+    with torch.device("meta"):  # parameters of the plain models (folding adds conv biases)
+        plain = {m: build(m, group["num_classes"]) for m in group["models"]}
+    params = {m: sum(p.numel() for p in mod.parameters()) / 1e6 for m, mod in plain.items()}
+    models = {m: build(m, group["num_classes"], options, device) for m in group["models"]}
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(1, 3, h, w, generator=g) * 255.0
+    images = (torch.rand(1, 3, h, w, generator=g) * 255.0).to(device)
     wall: dict[str, list[float]] = {m: [] for m in models}
     cpu: dict[str, list[float]] = {m: [] for m in models}
-    warmup = group.get("warmup", True)
+    # Compiled models and CUDA graphs are made on the first call: always warm up then.
+    warmup = group.get("warmup", True) or not options.plain
     start = time.perf_counter()
     with torch.inference_mode():
         if warmup:
@@ -176,8 +210,10 @@ def time_group(name: str, group: dict, args: argparse.Namespace) -> dict[str, An
         rounds, max_rounds = 0, min(args.max_rounds, group.get("max_rounds", args.max_rounds))
         while rounds < max_rounds:
             for m, mod in models.items():
+                _sync(device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 mod(images)
+                _sync(device)
                 wall[m].append((time.perf_counter() - t0) * 1e3)
                 cpu[m].append((time.process_time() - c0) * 1e3)
             rounds += 1
@@ -187,14 +223,16 @@ def time_group(name: str, group: dict, args: argparse.Namespace) -> dict[str, An
     med_wall = {m: statistics.median(t) for m, t in wall.items()}
     med_cpu = {m: statistics.median(t) for m, t in cpu.items()}
     pairs = []
+    on_wall = device.startswith("cuda")  # a GPU's time is not the process's CPU time
     for fast, slow, goal in group["pairs"]:
-        ratio = med_cpu[fast] / med_cpu[slow]
+        ratio = (med_wall if on_wall else med_cpu)[fast] / (med_wall if on_wall else med_cpu)[slow]
         pairs.append(
             {
                 "model": fast,
                 "baseline": slow,
-                "ratio_cpu": ratio,
+                "ratio_cpu": med_cpu[fast] / med_cpu[slow],
                 "ratio_wall": med_wall[fast] / med_wall[slow],
+                "ratio_on": "wall" if on_wall else "cpu",
                 "goal": goal,
                 "meets_goal": None if goal is None else ratio <= goal,
                 "paper_ratio": _paper_ratio(name, fast, slow),
@@ -217,7 +255,7 @@ def time_group(name: str, group: dict, args: argparse.Namespace) -> dict[str, An
             goal = f"goal <= {p['goal']:.2f}x: {'met' if p['meets_goal'] else 'MISSED'}"
         print(
             f"  {p['model']} / {p['baseline']} = {p['ratio_cpu']:.2f}x cpu "
-            f"({p['ratio_wall']:.2f}x wall)   {paper}   {goal}"
+            f"({p['ratio_wall']:.2f}x wall; goal on {p['ratio_on']})   {paper}   {goal}"
         )
     return {
         "size": [h, w],
@@ -240,10 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-rounds", type=int, default=2)
     parser.add_argument("--max-rounds", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/out/baselines_latency.json")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    add_inference_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {
-        "device": "cpu",
+        "device": args.device,
+        "inference": dataclasses.asdict(inference_options(args)),
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.machine(),
