@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,17 @@ from submitit.core.utils import FailedJobError, JobPaths, pickle_load
 
 from hcformer.errors import ConfigError, HCFormerError
 from hcformer.launch.runfolder import FINISHED_STATES, job_alive, pid_alive, slurm_job_state
+from hcformer.launch.scheduler import NODE_FAILURES, SlurmQueue
+
+# sbatch refusals worth retrying after a pause: a per-user or per-account submit limit, a busy or
+# unreachable controller. Anything else (a wrong partition or account) fails at once.
+TRANSIENT_SUBMIT_ERRORS = re.compile(
+    r"MaxSubmitJob|job submit limit|Socket timed out|Unable to contact slurm controller|"
+    r"temporarily unable|Resource temporarily unavailable|Connection refused|"
+    r"Transport endpoint is not connected|try again",
+    re.IGNORECASE,
+)
+MAX_BACKOFF_S = 1800.0
 
 
 @dataclass
@@ -123,6 +137,9 @@ class JobHandle:
     folder: Path
     job: Any = None  # a submitit Job when this process submitted it
     pid: int | None = None  # a local job's process
+    queue: SlurmQueue | None = None  # the shared squeue listing (slurm); None: ask squeue alone
+    submitted: float = 0.0  # epoch seconds; a listing older than this does not judge the job
+    last_state: str = ""  # the SLURM state seen last
 
     @property
     def paths(self) -> JobPaths:
@@ -132,11 +149,22 @@ class JobHandle:
         if self.paths.result_pickle.exists():
             return True
         if self.launcher == "slurm":
-            state = slurm_job_state(self.job_id)  # None: SLURM did not answer; ask again later
-            return state is not None and (state == "" or state in FINISHED_STATES)
+            if self.queue is not None:
+                state = self.queue.state(self.job_id, since=self.submitted)
+            else:
+                state = slurm_job_state(self.job_id)
+            if state is None:  # SLURM did not answer, or not yet about this job: ask again later
+                return False
+            self.last_state = state
+            return state == "" or state in FINISHED_STATES
         if self.job is not None:
             return bool(self.job.done())
         return self.pid is None or not pid_alive(self.pid)
+
+    def node_failed(self) -> bool:
+        """Whether the job ended because its node failed (NODE_FAIL, BOOT_FAIL) without a
+        result: the run is not at fault and a new job resumes it."""
+        return self.last_state in NODE_FAILURES and not self.paths.result_pickle.exists()
 
     def error(self) -> str | None:
         """The job's error (submitit's traceback) when it failed, None when it succeeded."""
@@ -162,12 +190,63 @@ class JobHandle:
         return out
 
 
-def reattach(job: dict[str, Any] | None, launcher: str) -> JobHandle | None:
-    """A handle on the live job recorded in ``job.json`` when it was made by ``launcher``."""
-    if not job or job.get("launcher") != launcher or not job_alive(job):
+def _slurm_state(queue: SlurmQueue, job_id: str, since: float) -> str:
+    state = queue.state(job_id, since=since)
+    if state is None:  # the cached listing predates the job: wait for a newer one
+        queue.wait_newer(since)
+        state = queue.state(job_id, since=since)
+    if state is None:
+        raise HCFormerError(
+            f"cannot ask SLURM (squeue) whether job {job_id} recorded in job.json still runs; "
+            "try again when squeue answers"
+        )
+    return state
+
+
+def reattach(
+    job: dict[str, Any] | None, launcher: str, queue: SlurmQueue | None = None
+) -> JobHandle | None:
+    """A handle on the live job recorded in ``job.json`` when it was made by ``launcher``.
+
+    With ``queue`` (slurm): a job whose submission was cut short (``state: submitting``: the
+    process died while sbatch ran, before it could record the id) is found by its unique
+    ``job_name`` in a listing taken after the submission began."""
+    if not job or job.get("launcher") != launcher or job.get("state") in ("done", "failed"):
+        return None
+    if launcher == "slurm" and queue is not None:
+        since = float(job.get("submit_started") or job.get("submitted") or 0.0)
+        if job.get("state") == "submitting":
+            if queue.wait_newer(since).get("ok") is not True:
+                raise HCFormerError(
+                    f"cannot ask SLURM (squeue) whether job {job.get('job_name')} recorded in "
+                    "job.json was submitted; try again when squeue answers"
+                )
+            found = queue.find(str(job.get("job_name")), since=since)
+            if found is None:
+                return None
+            job_id, state = found
+        elif job.get("job_id"):
+            job_id = str(job["job_id"])
+            state = _slurm_state(queue, job_id, since)
+            if state == "" or state in FINISHED_STATES:
+                return None
+        else:
+            return None
+        return JobHandle(
+            launcher, job_id, Path(job["folder"]), queue=queue, submitted=since, last_state=state
+        )
+    if not job_alive(job):
         return None
     pid = int(job["pid"]) if job.get("pid") else None
     return JobHandle(launcher, str(job["job_id"]), Path(job["folder"]), pid=pid)
+
+
+class SubmitRefused(HCFormerError):
+    """The scheduler refused a submission; ``transient`` when worth retrying after a pause."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def submit(executor: submitit.Executor, launcher: str, folder: Path, fn: Any) -> JobHandle:
@@ -179,9 +258,46 @@ def submit(executor: submitit.Executor, launcher: str, folder: Path, fn: Any) ->
             job = executor.submit(fn)
     except FailedJobError as exc:
         message = " ".join((str(exc) or printed.getvalue()).split()) or "no message"
-        raise HCFormerError(f"the scheduler refused the job ({launcher}): {message}") from exc
+        raise SubmitRefused(
+            f"the scheduler refused the job ({launcher}): {message}",
+            transient=bool(TRANSIENT_SUBMIT_ERRORS.search(message)),
+        ) from exc
     pid = None
     if launcher == "local":
         process = getattr(job, "_process", None)
         pid = process.pid if process is not None else int(job.job_id)
     return JobHandle(launcher, str(job.job_id), Path(folder), job=job, pid=pid)
+
+
+def submit_with_retries(
+    submit_once: Callable[[], JobHandle],
+    attempts: int,
+    backoff_s: float,
+    record: Callable[[dict[str, Any]], None],
+    say: Callable[[str], None] = lambda line: None,
+) -> JobHandle:
+    """``submit_once()`` until the scheduler takes the job: a transient refusal (a submit limit,
+    a busy controller) is retried after ``backoff_s``, doubling up to ``MAX_BACKOFF_S``, at most
+    ``attempts`` submissions in all; ``record`` gets each attempt (``at`` and ``job_id`` or
+    ``error``) for ``job.json``."""
+    attempts = max(int(attempts), 1)
+    for attempt in range(1, attempts + 1):
+        try:
+            handle = submit_once()
+        except SubmitRefused as exc:
+            record({"at": time.time(), "error": str(exc)})
+            if not exc.transient:
+                raise
+            if attempt == attempts:
+                raise SubmitRefused(
+                    f"{exc} (refused {attempts} times; is the campaign over a submit limit? "
+                    "throttle it with snakemake --resources runs=N)",
+                    transient=True,
+                ) from exc
+            delay = min(backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+            say(f"submission {attempt}/{attempts} refused ({exc}); retrying in {delay:.0f} s")
+            time.sleep(delay)
+            continue
+        record({"at": time.time(), "job_id": handle.job_id})
+        return handle
+    raise AssertionError("unreachable")

@@ -22,12 +22,14 @@ import os
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from hcformer.errors import ConfigError
 from hcformer.launch.runfolder import (
     METRICS_FILE,
+    append_job,
     git_commit,
     locked,
     log_tail,
@@ -61,7 +63,27 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--run-dir", help="the run folder (one seed only)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="inline")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between job checks")
+    p.add_argument(
+        "--poll-s",
+        type=float,
+        default=None,
+        help="seconds between job checks; every run under one results root shares one squeue "
+        "call per interval (default: 30 at paper scale, else 5)",
+    )
+    p.add_argument(
+        "--submit-attempts",
+        type=int,
+        default=8,
+        help="submissions tried when sbatch refuses for a transient reason (a submit limit, a "
+        "busy controller), with a pause doubling from --retry-backoff-s",
+    )
+    p.add_argument("--retry-backoff-s", type=float, default=60.0)
+    p.add_argument(
+        "--node-fail-attempts",
+        type=int,
+        default=3,
+        help="new jobs submitted for a run whose job's node failed (NODE_FAIL, BOOT_FAIL)",
+    )
     # The package whose ``train`` and ``evaluate`` modules a job runs (tests use a stand-in).
     p.add_argument("--engine", default="hcformer.engine", help=argparse.SUPPRESS)
     s = p.add_argument_group("slurm (default: the experiment's resources)")
@@ -169,49 +191,123 @@ def _run_inline(specs: list[Any], commit: str) -> int:
     return 0
 
 
+class _Run:
+    """One run being waited on: its spec, lock, job handle and node-failure resubmissions."""
+
+    def __init__(self, spec: Any, lock: Any, handle: Any) -> None:
+        self.spec, self.lock, self.handle = spec, lock, handle
+        self.resubmits = 0
+
+
+def _submit(args: argparse.Namespace, spec: Any, slurm: Any, queue: Any, commit: str) -> Any:
+    """Submit one run's job (with retries on transient refusals), recording it in job.json
+    before sbatch is called (``state: submitting`` and a unique job name, so that a process
+    killed while sbatch runs leaves enough behind to find the job) and after."""
+    from hcformer.launch.executors import make_executor, submit, submit_with_retries
+    from hcformer.launch.job import RunJob
+
+    run_dir = Path(spec.run_dir)
+    folder = run_dir / "jobs"
+
+    def once() -> Any:
+        name = f"hc-{spec.label}-{uuid.uuid4().hex[:8]}"
+        params = {**slurm, "job_name": name} if slurm is not None else None
+        executor = make_executor(args.launcher, folder, params)
+        started = time.time()
+        update_job(
+            run_dir,
+            launcher=args.launcher,
+            job_name=name,
+            folder=str(folder.resolve()),
+            state="submitting",
+            submit_started=started,
+        )
+        fn = RunJob([spec], threaded=args.launcher == "slurm")
+        handle = submit(executor, args.launcher, folder, fn)
+        handle.queue, handle.submitted = queue, started
+        return handle
+
+    def say(line: str) -> None:
+        print(f"hcformer run: {spec.label}: {line}", file=sys.stderr)
+
+    handle = submit_with_retries(
+        once,
+        args.submit_attempts,
+        args.retry_backoff_s,
+        lambda item: append_job(run_dir, "submissions", item),
+        say,
+    )
+    update_job(
+        run_dir,
+        **handle.record(),
+        host=socket.gethostname(),
+        state="submitted",
+        submitted=time.time(),
+        git_commit=commit,
+    )
+    say(f"submitted job {handle.job_id}")
+    return handle
+
+
 def _run_submitted(
     args: argparse.Namespace, specs: list[Any], locks: list[Any], commit: str
 ) -> int:
-    from hcformer.launch.executors import make_executor, reattach, submit
-    from hcformer.launch.job import RunJob
+    from hcformer.launch.executors import reattach
+    from hcformer.launch.scheduler import SlurmQueue
 
     slurm = _slurm_params(args) if args.launcher == "slurm" else None
-    handles = []
+    runs = []
     for spec, lock in zip(specs, locks):
         run_dir = Path(spec.run_dir)
-        handle = reattach(read_job(run_dir), args.launcher)
+        queue = SlurmQueue.for_run_dir(run_dir, args.poll_s) if slurm is not None else None
+        handle = reattach(read_job(run_dir), args.launcher, queue)
         if handle is not None:
+            update_job(run_dir, job_id=handle.job_id, host=socket.gethostname())
+            if (read_job(run_dir) or {}).get("state") == "submitting":
+                update_job(run_dir, state="submitted", submitted=time.time())
             print(
                 f"hcformer run: {spec.label}: re-attached to job {handle.job_id}", file=sys.stderr
             )
         else:
-            folder = run_dir / "jobs"
-            params = {**slurm, "job_name": f"hc-{spec.label}"} if slurm is not None else None
-            executor = make_executor(args.launcher, folder, params)
-            handle = submit(
-                executor, args.launcher, folder, RunJob([spec], threaded=args.launcher == "slurm")
-            )
-            update_job(
-                run_dir,
-                **handle.record(),
-                host=socket.gethostname(),
-                state="submitted",
-                submitted=time.time(),
-                git_commit=commit,
-            )
-            print(f"hcformer run: {spec.label}: submitted job {handle.job_id}", file=sys.stderr)
+            handle = _submit(args, spec, slurm, queue, commit)
         lock.note(job_id=handle.job_id, launcher=args.launcher)
-        handles.append((spec, lock, handle))
+        runs.append(_Run(spec, lock, handle))
 
-    pending = list(handles)
+    pending = list(runs)
     while pending:
         time.sleep(args.poll_s)
-        for _spec, lock, _handle in pending:
-            lock.refresh()
-        pending = [item for item in pending if not item[2].done()]
+        for run in pending:
+            run.lock.refresh()
+        still = []
+        for run in pending:
+            if not run.handle.done():
+                still.append(run)
+                continue
+            if (Path(run.spec.run_dir) / METRICS_FILE).exists() or not run.handle.node_failed():
+                continue
+            if run.resubmits >= args.node_fail_attempts:
+                continue
+            # The node died under the job (NODE_FAIL/BOOT_FAIL): a new job resumes the run.
+            run.resubmits += 1
+            lost = run.handle
+            append_job(
+                Path(run.spec.run_dir),
+                "node_failures",
+                {"at": time.time(), "job_id": lost.job_id, "state": lost.last_state},
+            )
+            print(
+                f"hcformer run: {run.spec.label}: job {lost.job_id} ended {lost.last_state} (its "
+                f"node failed); resubmitting ({run.resubmits}/{args.node_fail_attempts})",
+                file=sys.stderr,
+            )
+            run.handle = _submit(args, run.spec, slurm, lost.queue, commit)
+            run.lock.note(job_id=run.handle.job_id, launcher=args.launcher)
+            still.append(run)
+        pending = still
 
     failed = 0
-    for spec, _lock, handle in handles:
+    for run in runs:
+        spec, handle = run.spec, run.handle
         run_dir = Path(spec.run_dir)
         # A shared file system may show a compute node's last files a little late.
         deadline = time.time() + RESULT_GRACE_S
@@ -223,6 +319,8 @@ def _run_submitted(
             continue
         failed += 1
         error = handle.error() or "the job ended without writing metrics.json"
+        if handle.last_state:
+            error = f"{error} [SLURM state {handle.last_state}]"
         job = read_job(run_dir) or {}
         if job.get("state") not in ("failed",):
             update_job(run_dir, state="failed", heartbeat=time.time())
@@ -237,6 +335,8 @@ def _run_submitted(
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.poll_s is None:
+        args.poll_s = 30.0 if args.scale == "paper" else 5.0
     specs = _specs(args)
     todo = [s for s in specs if not (Path(s.run_dir) / METRICS_FILE).exists()]
     for spec in specs:

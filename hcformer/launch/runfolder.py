@@ -70,6 +70,17 @@ def update_job(run_dir: Path, **fields: Any) -> dict[str, Any]:
     return data
 
 
+def append_job(run_dir: Path, key: str, item: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """Append ``item`` to the list ``key`` of ``job.json`` (e.g. one submission attempt) and
+    merge ``fields``; returns the result."""
+    path = Path(run_dir) / JOB_FILE
+    data = read_json(path) or {}
+    data[key] = [*data.get(key, []), item]
+    data.update(fields)
+    write_json_atomic(path, data)
+    return data
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (and is not a zombie)."""
     if pid <= 0:
@@ -87,7 +98,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-FINISHED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+# SLURM states after which a job neither runs nor waits.
+FINISHED_STATES = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+)
 
 
 def slurm_job_state(job_id: str) -> str | None:
