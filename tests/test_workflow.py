@@ -221,23 +221,58 @@ def test_lint_and_format():
 
 
 def test_paper_inputs_are_checked_before_anything_is_submitted(tmp_path):
-    """At paper scale the data rule fails, naming each missing dataset folder and pretrained
-    weight, so no run of that dataset is submitted."""
-    script = ROOT / "workflow" / "scripts" / "check_inputs.py"
-    hub = tmp_path / "hub"
-    (hub / "models--timm--resnet50.tv_in1k").mkdir(parents=True)
-    env = {**os.environ, "HF_HUB_CACHE": str(hub)}
-    cmd = [sys.executable, str(script), "--scale", "paper", "--dataset", "coco_panoptic"]
+    """At paper scale the data rule runs `hcformer check-data`, which fails naming the first
+    missing dataset file (with the command that makes it), then the first missing pretrained
+    weight, so no run of that dataset is submitted (tests/test_prepare_data.py checks the
+    layouts in detail)."""
+    out = snakemake(
+        "-n", "-p", "--cores", "1", "--config", "scale=paper", "--", "results/paper/data/ade20k.ok"
+    )
+    assert "hcformer check-data --scale paper --dataset ade20k" in out.stdout, out.stderr[-2000:]
+    out = snakemake(
+        "-n",
+        "-p",
+        "--cores",
+        "1",
+        "--config",
+        "scale=paper",
+        "--",
+        "results/paper/data/ade20k.prepared",
+    )
+    assert (
+        "hcformer prepare-data --dataset ade20k --root datasets/ADEChallengeData2016" in out.stdout
+    )
+
+    base = tmp_path / "datasets" / "ADEChallengeData2016"
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HCFORMER_WEIGHTS": str(tmp_path / "weights"),
+    }
+    cmd = [sys.executable, "-m", "hcformer.cli", "check-data", "--scale", "paper"]
+    cmd += ["--dataset", "ade20k"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "missing dataset folder datasets/coco" in out.stderr
-    assert "models--timm--swin_small_patch4_window7_224" in out.stderr  # Swin-S rows need it
-    assert "resnet50.tv_in1k" not in out.stderr  # present in the cache
-    (tmp_path / "datasets" / "coco").mkdir(parents=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "missing datasets/ADEChallengeData2016/images/training" in out.stderr
+    assert "unzip -q ADEChallengeData2016.zip -d datasets" in out.stderr
+    for split in ("training", "validation"):
+        (base / "images" / split).mkdir(parents=True)
+        (base / "annotations" / split).mkdir(parents=True)
+        (base / "images" / split / "ADE_x_1.jpg").write_bytes(b"")
+        (base / "annotations" / split / "ADE_x_1.png").write_bytes(b"")
+    (tmp_path / "hub" / "models--timm--resnet50.tv_in1k").mkdir(parents=True)  # in the cache
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "resnet50.tv_in1k" not in out.stderr
+    assert f"missing {tmp_path}/weights/resnet101.tv_in1k.safetensors (pretrained" in out.stderr
+    assert out.stderr.endswith(f"make it with: hcformer fetch-weights --dir {tmp_path}/weights\n")
+    weights = tmp_path / "weights"
+    weights.mkdir()
     for name in (
+        "resnet101.tv_in1k",
         "swin_small_patch4_window7_224.ms_in1k",
         "swin_large_patch4_window12_384.ms_in22k",
     ):
-        (hub / f"models--timm--{name}").mkdir()
+        (weights / f"{name}.safetensors").write_bytes(b"")
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -93,7 +93,7 @@ def data_command(wildcards):
     if SCALE == "paper":
         if not config.get("check_inputs", True):
             return "echo 'check_inputs: false: not checked'"
-        return f"python workflow/scripts/check_inputs.py --scale {SCALE} --dataset {wildcards.dataset}"
+        return f"hcformer check-data --scale {SCALE} --dataset {wildcards.dataset}"
     cfg = next(e.config for e in EXPERIMENTS.values() if e.dataset == wildcards.dataset)
     synth = cfg.data.synthetic
     height, width = synth.size
@@ -101,6 +101,15 @@ def data_command(wildcards):
         f"hcformer synth-data --dataset {wildcards.dataset} --out {cfg.data.root} "
         f"--images {synth.train_images} --val-images {synth.val_images} "
         f"--size {height}x{width} --seed {synth.seed}"
+    )
+
+
+def dataset_root(wildcards):
+    """data.root of a dataset's experiments (the configs agree on it)."""
+    return next(
+        e.config.data.root
+        for e in EXPERIMENTS.values()
+        if e.dataset == wildcards.dataset
     )
 
 

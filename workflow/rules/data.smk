@@ -1,6 +1,9 @@
 """Data: synthetic datasets made once and shared (tiny, smoke); at paper scale a check that the
 datasets and pretrained weights every experiment needs are where its config says, before any run
-is submitted (compute nodes are often offline)."""
+is submitted (compute nodes are often offline: `hcformer check-data`). `prepare_data` turns an
+unzipped official release into the readers' layout (docs/datasets.md), on request:
+`snakemake --cores 1 --config scale=paper -- results/paper/data/coco_panoptic.prepared`.
+"""
 
 
 rule data:
@@ -16,6 +19,23 @@ rule data:
         command=data_command,
     shell:
         "{params.command} > {log} 2>&1"
+
+
+rule prepare_data:
+    output:
+        touch(f"{RESULTS}/data/{{dataset}}.prepared"),
+    log:
+        f"{RESULTS}/logs/data/{{dataset}}.prepare.log",
+    conda:
+        ENV
+    threads: 4
+    resources:
+        login=1,
+    params:
+        root=dataset_root,
+    shell:
+        "hcformer prepare-data --dataset {wildcards.dataset} --root {params.root} "
+        "--workers {threads} > {log} 2>&1"
 
 
 rule mlflow_store:
