@@ -259,3 +259,56 @@ def test_packed_list_gives_back_the_items_and_slices():
     assert list(packed[:0]) == [] and len(PackedList([])) == 0
     with pytest.raises(IndexError, match="index 5 out of range"):
         packed[5]
+
+
+def test_coco_instance_train_split_drops_images_without_instances(tmp_path):
+    """detectron2's FILTER_EMPTY_ANNOTATIONS (the authors' COCO configs): training leaves out
+    images whose annotations are none, crowds only, or only unusable polygons; val keeps all."""
+    square = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]
+    crowd_rle = {"counts": [20, 10, 370], "size": [20, 20]}  # uncompressed, column-major
+
+    def ann(j: int, image_id: int, seg, iscrowd: int = 0) -> dict:
+        return {"id": j, "image_id": image_id, "category_id": 1, "segmentation": seg,
+                "iscrowd": iscrowd, "area": 100.0, "bbox": [2, 2, 10, 10]}  # fmt: skip
+
+    images = [
+        {"id": i, "file_name": f"{i:012d}.jpg", "height": 20, "width": 20} for i in range(1, 6)
+    ]
+    data = {
+        "images": images,
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [
+            ann(1, 1, square),  # kept: one instance
+            ann(2, 2, crowd_rle, iscrowd=1),  # crowd only: dropped
+            # image 3 has no annotation: dropped
+            ann(3, 4, [[1.0, 1.0, 5.0, 5.0]]),  # a two-point polygon only: dropped
+            ann(4, 5, crowd_rle, iscrowd=1),  # a crowd and an instance: kept
+            ann(5, 5, square),
+        ],
+    }
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+        for img in images:
+            blank_jpg(root / split / img["file_name"], 20, 20)
+    cfg = DataConfig(dataset="coco_instance", task="instance", root=str(root))
+    train = build_dataset(cfg, "train")
+    assert train.image_ids == [1, 5]
+    assert [len(train.load(i).target["masks"]) for i in range(2)] == [1, 2]
+    assert build_dataset(cfg, "val").image_ids == [1, 2, 3, 4, 5]
+
+
+def test_coco_panoptic_train_split_keeps_images_with_crowds_only(coco_root):
+    """detectron2 filters only dataset dicts with "annotations", which its COCO panoptic
+    loader does not give: the authors trained on every panoptic image."""
+    js = coco_root / "annotations" / "panoptic_val2017.json"
+    data = json.loads(js.read_text())
+    for seg in data["annotations"][0]["segments_info"]:
+        seg["iscrowd"] = 1
+    js.write_text(json.dumps(data))
+    cfg = DataConfig(
+        dataset="coco_panoptic", task="panoptic", root=str(coco_root), train_split="val2017"
+    )
+    train = build_dataset(cfg, "train")
+    assert len(train) == 2 and all(s["iscrowd"] for s in train.load(0).target["segments"])

@@ -4,8 +4,10 @@ Entry points (docs/interfaces.md):
 
 - ``build_dataset(cfg: DataConfig, split: "train" | "val") -> Dataset``: the reader for
   ``cfg.dataset`` over ``cfg.root`` (``cfg.train_split`` / ``cfg.val_split``; the val split is cut
-  to ``cfg.max_val_images`` when set). When ``cfg.synthetic`` is set and the folder is absent,
-  the synthetic data is written first (:func:`hcformer.data.synthetic.write_synthetic`).
+  to ``cfg.max_val_images`` when set; the coco_instance train split leaves out images without a
+  non-crowd instance, as detectron2's ``FILTER_EMPTY_ANNOTATIONS``). When ``cfg.synthetic`` is
+  set and the folder is absent, the synthetic data is written first
+  (:func:`hcformer.data.synthetic.write_synthetic`).
   ``len(ds)``; ``ds.load(i) -> Record`` (``image`` uint8 [H, W, 3], ``target``, ``image_id``,
   ``file_name``, ``stem``); ``ds.load_sem_seg(i)`` (train-id map, 255 = ignore; for COCO
   panoptic the *semantic view* used for ``miou_pan``). Metadata:
@@ -26,7 +28,8 @@ Entry points (docs/interfaces.md):
   [N], ``masks`` bool [N, H, W]: panoptic = non-crowd segments, instance = non-crowd things,
   semantic = one per class present); ``sem_seg`` int64 [H, W] (semantic datasets); ``meta``
   (``image_id, file_name, stem, orig_size, size``: ``size`` is the resized image before padding).
-- ``collate(samples, size_divisibility=32) -> {"images", "targets", "metas"}``.
+- ``collate(samples, size_divisibility=32, *, pad_value) -> {"images", "targets", "metas"}``
+  (images float32, padded with ``pad_value``: see :mod:`hcformer.engine.batches`).
 - ``panoptic_to_semantic(pan_seg, segments)``: the semantic view of a panoptic id map.
 - ``write_synthetic(dataset, out, images, size, seed, val_images)`` and ``hcformer synth-data``.
 
@@ -100,6 +103,8 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
             f"(expected {cls.task!r})"
         )
     ds = cls(Path(cfg.root), cfg.train_split if split == "train" else cfg.val_split)
+    if split == "train" and cfg.dataset == "coco_instance":
+        ds.drop_images_without_instances()  # as detectron2's FILTER_EMPTY_ANNOTATIONS
     if split == "val" and cfg.max_val_images:
         ds.subset(cfg.max_val_images)
     return ds

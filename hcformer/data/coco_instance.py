@@ -8,7 +8,9 @@ Layout under ``root`` (``datasets/coco``)::
 Masks come from polygons, compressed or uncompressed RLE through pycocotools. ``iscrowd``
 annotations are kept in the record (flag ``iscrowd``) and left out of the training targets;
 the evaluator treats them as COCO does. Train ids are contiguous over the categories sorted by
-id (80 for COCO).
+id (80 for COCO). The training split leaves out images without a usable non-crowd annotation
+(:meth:`COCOInstanceDataset.drop_images_without_instances`, about 1% of train2017), as the
+authors' training does (detectron2's ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from hcformer.data.base import Dataset, ImageEntry, field_of, read_json, require_dir
+from hcformer.data.base import (
+    Dataset,
+    ImageEntry,
+    PackedList,
+    field_of,
+    read_json,
+    require_dir,
+)
 from hcformer.data.coco_panoptic import parse_categories
 from hcformer.errors import DataError
 
@@ -33,9 +42,7 @@ def ann_to_mask(segmentation: Any, height: int, width: int, where: str) -> np.nd
 
     try:
         if isinstance(segmentation, list):  # polygons
-            polys = [
-                p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-            ]
+            polys = valid_polygons(segmentation)
             if not polys:
                 return None
             rle = mask_util.merge(mask_util.frPyObjects(polys, height, width))
@@ -55,6 +62,20 @@ def ann_to_mask(segmentation: Any, height: int, width: int, where: str) -> np.nd
             f"{where}: 'segmentation' is {mask.shape[0]}x{mask.shape[1]}, the image {height}x{width}"
         )
     return mask.astype(bool)
+
+
+def valid_polygons(segmentation: list) -> list[list]:
+    """The polygons of a polygon ``segmentation`` that have at least 3 points."""
+    return [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+
+
+def is_usable_instance(ann: dict[str, Any]) -> bool:
+    """A non-crowd annotation that detectron2's ``load_coco_json`` keeps (it skips polygon
+    annotations without a polygon of 3 points; RLE masks are kept)."""
+    seg = ann.get("segmentation")
+    if ann.get("iscrowd", 0) != 0:
+        return False
+    return not (isinstance(seg, list) and seg and not valid_polygons(seg))
 
 
 class COCOInstanceDataset(Dataset):
@@ -97,6 +118,18 @@ class COCOInstanceDataset(Dataset):
             root=root, split=split, entries=entries, categories=cats, image_dir=image_dir
         )
         self.gt_json = gt_json
+
+    def drop_images_without_instances(self) -> int:
+        """Leave out the images with no usable non-crowd annotation (none, or crowds only), as
+        detectron2 does to a training set when ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is on (the
+        authors' COCO configs); returns how many were left out."""
+        keep = [
+            e for e in self.entries if any(is_usable_instance(a) for _, a in e.extra["annotations"])
+        ]
+        dropped = len(self.entries) - len(keep)
+        if dropped:
+            self.entries = PackedList(keep)
+        return dropped
 
     def load_target(self, entry: ImageEntry, size: tuple[int, int]) -> dict[str, Any]:
         if (entry.height, entry.width) != tuple(size):
