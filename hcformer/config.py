@@ -113,11 +113,18 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
     crop: list[int] = field(default_factory=lambda: [1024, 1024])  # H, W
     # scale_crop: short side drawn from int(x * 0.1 * scale_base), x in scale_range * 10
-    # (None: the crop's short side; Cityscapes 1024), long side capped at train_max_size
-    # (None: 4 * scale_base, detectron2's 2048 for ADE20K and 4096 for Cityscapes).
+    # (None: the crop's short side: ADE20K 512, or 640 for its Swin-L rows; Cityscapes sets
+    # 1024), long side capped at train_max_size (None: 4 * scale_base: ADE20K 2048 / 2560,
+    # Cityscapes 4096; the authors' MIN_SIZE_TRAIN and MAX_SIZE_TRAIN).
     scale_base: int | None = None
     train_max_size: int | None = None
     color_jitter: bool = False
+    # Image value of a training crop's padding to the crop size, before the model normalises
+    # (labels: ignore / no mask): 128 as the authors' ADE20K mapper and LSJ's FixedSizeCrop;
+    # "mean": the model's pixel mean, i.e. 0 after normalisation (Cityscapes, whose mapper does
+    # not pad: the authors' model pads the normalised batch with 0). Test batches are always
+    # padded with the mean.
+    train_image_pad: float | Literal["mean"] = 128.0
     # Test-time resize (short side, long side at most); inputs are padded to a multiple of 32.
     test_short: int = 800
     test_max: int = 1333
@@ -138,7 +145,9 @@ class SolverConfig:
     backbone_multiplier: float = 0.1
     schedule: Literal["poly", "step"] = "step"
     poly_power: float = 0.9
-    steps: list[float] = field(default_factory=lambda: [0.889, 0.963])  # fractions of iterations
+    # Decay points: fractions of ``iterations`` (values at most 1) or iteration numbers (above
+    # 1; a table row's schedule multiplier scales them with ``iterations``).
+    steps: list[float] = field(default_factory=lambda: [0.889, 0.963])
     gamma: float = 0.1
     warmup_iters: int = 0
     warmup_factor: float = 1.0

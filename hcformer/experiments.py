@@ -7,6 +7,7 @@ combine three runs, one per dataset column (``runs:``). A config is resolved as
 
     base/<dataset>.yaml -> base/backbones.yaml[<backbone>] -> table ``defaults:`` -> row ``set:``
     -> scale overlay (common, dataset, backbone, head sections) -> row ``schedule:`` multiplier
+       (of ``solver.iterations`` and of the decay steps given as iteration numbers)
     -> normalisation (dcnv2 is irrelevant where no clustering module sits, e.g. at L0)
 
 Identical resolved configs are one experiment, trained once and shared by every row that uses
@@ -424,7 +425,11 @@ def _resolve_run(root: Path, run: Run, scale: str = "paper") -> Config:
     overlay = _load_overlay(root, scale)
     resolved = apply_overlay(cfg_dict, overlay)
     if overlay["schedule_multiplier"] and run.schedule != 1.0:
-        resolved["solver"]["iterations"] = round(resolved["solver"]["iterations"] * run.schedule)
+        solver = resolved["solver"]
+        solver["iterations"] = round(solver["iterations"] * run.schedule)
+        # Decay points given as iteration numbers (above 1) scale with the schedule, as the
+        # authors' 100 / 200 epoch configs double / quadruple their 50 epoch SOLVER.STEPS.
+        solver["steps"] = [s if s <= 1 else float(round(s * run.schedule)) for s in solver["steps"]]
     try:
         cfg = build_config(resolved)
     except ConfigError as exc:

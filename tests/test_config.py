@@ -63,6 +63,14 @@ def test_wrong_types_and_choices_are_named():
         parse_overrides(["model.head.queries"])
 
 
+def test_train_image_pad_is_a_number_or_the_mean():
+    assert Config().data.train_image_pad == 128.0  # the authors' mapper / FixedSizeCrop value
+    assert build_config({"data.train_image_pad": "mean"}).data.train_image_pad == "mean"
+    assert build_config(parse_overrides(["data.train_image_pad=0"])).data.train_image_pad == 0.0
+    with pytest.raises(ConfigError, match=r"data\.train_image_pad: 'grey' matches none of"):
+        build_config({"data.train_image_pad": "grey"})
+
+
 def test_config_errors_are_user_errors():
     assert issubclass(ConfigError, HCFormerError)
 

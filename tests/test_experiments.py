@@ -64,7 +64,7 @@ def test_paper_protocol_values():
     r50 = exps["coco_panoptic/hcformer-r50-L3-D8-Q100"].config
     assert r50.model.num_classes == 133 and r50.data.task == "panoptic"
     assert r50.solver.iterations == 368750 and r50.solver.schedule == "step"
-    assert r50.solver.steps == [0.889, 0.963]  # the authors' config, not the paper's 0.9/0.95
+    assert r50.solver.steps == [327778, 355092]  # the authors' config, not the paper's 0.9/0.95
     assert (r50.data.test_short, r50.data.test_max, r50.data.augmentation) == (800, 1333, "lsj")
     assert r50.solver.batch_size == 16 and r50.solver.lr == 1e-4
     plus = exps["coco_panoptic/hcformer-r50-L3-D8-Q100-plus"].config
@@ -88,6 +88,108 @@ def test_paper_protocol_values():
         exps["coco_panoptic/hcformer-r50-L3-D9-Q100-plus-std"].config.model.head.decoder
         == "standard"
     )
+
+
+# The authors' training augmentation per dataset (their configs/*/Base-*.yaml and res640 configs):
+# short sides, long-side cap, crop, image pad before normalisation, colour jitter, test resize.
+ADE512 = [int(x * 0.1 * 512) for x in range(5, 21)]
+ADE640 = [int(x * 0.1 * 640) for x in range(5, 21)]
+CITY = [int(x * 0.1 * 1024) for x in range(5, 21)]
+
+
+def test_paper_scale_augmentation_of_every_experiment():
+    from hcformer.data.transforms import LSJ_IMAGE_PAD, max_train_size, scale_choices
+    from hcformer.engine.batches import eval_pad_value, train_pad_size, train_pad_value
+
+    seen = set()
+    for exp_id, exp in ex.all_experiments("paper").items():
+        cfg = exp.config
+        data = cfg.data
+        test = (data.test_short, data.test_max)
+        if data.dataset.startswith("coco"):
+            assert (data.augmentation, data.lsj_size, data.scale_range) == ("lsj", 1024, [0.1, 2.0])
+            assert not data.color_jitter and test == (800, 1333), exp_id
+            assert LSJ_IMAGE_PAD == 128 and train_pad_value(cfg) == 128.0
+            assert train_pad_size(cfg) == (1024, 1024)
+            seen.add("coco")
+            continue
+        assert data.augmentation == "scale_crop" and data.color_jitter, exp_id
+        choices, cap = scale_choices(data), max_train_size(data)
+        if data.dataset == "cityscapes":
+            assert (choices, cap, data.crop, test) == (CITY, 4096, [512, 1024], (1024, 2048))
+            assert train_pad_value(cfg) == eval_pad_value()  # the mean: 0 once normalised
+            assert choices[0] == 512 and choices[-1] == 2048, exp_id
+        elif data.crop == [640, 640]:  # ADE20K Swin-L rows (res640)
+            assert (choices, cap, test) == (ADE640, 2560, (640, 2560)), exp_id
+            assert train_pad_value(cfg) == 128.0
+        else:
+            assert (choices, cap, data.crop, test) == (ADE512, 2048, [512, 512], (512, 2048))
+            assert train_pad_value(cfg) == 128.0, exp_id
+        assert train_pad_size(cfg) == tuple(data.crop)
+        seen.add(f"{data.dataset}{data.crop[0]}")
+    assert seen == {"coco", "ade20k512", "ade20k640", "cityscapes512"}
+
+
+def test_tiny_scale_keeps_its_augmentation():
+    from hcformer.data.transforms import max_train_size, scale_choices
+
+    exps = ex.all_experiments("tiny")
+    city = exps["cityscapes/hcformer-r50-L3-D9-Q100"].config.data
+    assert scale_choices(city) == [int(x * 0.1 * 192) for x in range(5, 21)]
+    assert max_train_size(city) == 768 and city.crop == [192, 384]
+    ade = exps["ade20k/hcformer-r50-L3-D8-Q100"].config.data
+    assert scale_choices(ade)[-1] == 384 and max_train_size(ade) == 768 and not ade.color_jitter
+
+
+# The authors' SOLVER.STEPS of each COCO schedule (50, 100 and 200 epochs).
+COCO_STEPS = {368750: [327778, 355092], 737500: [655556, 710184], 1475000: [1311112, 1420368]}
+
+
+def test_step_decay_iterations_are_the_authors_at_paper_scale():
+    from hcformer.engine.optim import lr_factor, milestones
+
+    found = set()
+    for exp_id, exp in ex.all_experiments("paper").items():
+        solver = exp.config.solver
+        if solver.schedule != "step":
+            continue
+        assert exp_id.startswith("coco_"), exp_id
+        expected = COCO_STEPS[solver.iterations]
+        assert milestones(solver) == expected and solver.steps == expected, exp_id
+        first = expected[0]
+        assert lr_factor(first - 1, solver) == 1.0 and lr_factor(first, solver) == 0.1
+        found.add(solver.iterations)
+    assert found == set(COCO_STEPS)  # every schedule is used by some row
+
+
+def test_step_decay_at_the_tiny_and_smoke_scales_is_unchanged():
+    from hcformer.engine.optim import milestones
+
+    for scale, expected in (
+        ("tiny", {300: [266, 288], 600: [533, 577], 1200: [1066, 1155]}),
+        ("smoke", {6: [5, 5]}),
+    ):
+        for exp_id, exp in ex.all_experiments(scale).items():
+            solver = exp.config.solver
+            if solver.schedule == "step":
+                assert solver.steps == [0.889, 0.963], (scale, exp_id)
+                assert milestones(solver) == expected[solver.iterations], (scale, exp_id)
+
+
+def test_steps_beyond_the_iterations_are_a_config_error():
+    import torch
+
+    from hcformer.config import SolverConfig
+    from hcformer.engine.optim import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    solver = SolverConfig(iterations=1000, schedule="step", steps=[327778, 355092])
+    with pytest.raises(
+        ConfigError, match=r"solver.steps: \[327778, 355092\] lie beyond solver.iterations 1000"
+    ):
+        build_scheduler(optimizer, solver)
+    build_scheduler(optimizer, SolverConfig(iterations=1000, schedule="poly", steps=[327778]))
+    build_scheduler(optimizer, SolverConfig(iterations=1000, schedule="step", steps=[0.5, 900]))
 
 
 def test_ids_readable_unique_and_content_derived():

@@ -6,20 +6,23 @@
   labels: ignore / VOID / no mask).
 - ``augmentation: scale_crop`` (ADE20K, Cityscapes): the short side is drawn from
   ``int(x * 0.1 * scale_base)`` for x in ``scale_range * 10`` (detectron2's "choice" list:
-  256..1024 for ADE20K, 512..2048 for Cityscapes), the long side capped at ``train_max_size``;
-  a random crop of at most ``crop``; horizontal flip; SSD colour augmentation when
-  ``color_jitter`` (brightness +-32, contrast and saturation 0.5-1.5, hue +-18 degrees of 180).
+  256..1024 for ADE20K, 320..1280 for its 640 crops, 512..2048 for Cityscapes), the long side
+  capped at ``train_max_size``; a random crop of at most ``crop``; horizontal flip; SSD colour
+  augmentation when ``color_jitter`` (:func:`color_jitter`).
 - Test: resize so the short side is ``test_short`` and the long side at most ``test_max``.
 
 Images are resized bilinearly (PIL, as detectron2); label maps, panoptic id maps and instance
 masks by nearest neighbour with one shared index map, so they stay aligned. Instance masks are
 resized as bitmaps (detectron2 re-rasterises polygons; the difference is sub-pixel). Padding
-to a multiple of 32 happens when batching (:func:`collate`). Every random draw comes from the
-``rng`` argument, so the same generator state gives the same sample.
+to the crop and to a multiple of 32 happens when batching (:func:`collate`, with the value the
+engine gives: ``data.train_image_pad`` for training crops, the pixel mean for test images).
+Every random draw comes from the ``rng`` argument, so the same generator state gives the same
+sample.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -137,48 +140,90 @@ def _lsj(v: _Views, cfg: DataConfig, rng: np.random.Generator) -> tuple[int, int
 
 
 def scale_choices(cfg: DataConfig) -> list[int]:
+    """``scale_crop``: the short sides drawn from, ``int(x * 0.1 * scale_base)`` for x in
+    ``scale_range * 10`` (``scale_base`` None: the crop's short side)."""
     base = cfg.scale_base or min(cfg.crop)
     lo, hi = (round(x * 10) for x in cfg.scale_range)
     return [int(x * 0.1 * base) for x in range(lo, hi + 1)]
 
 
+def max_train_size(cfg: DataConfig) -> int:
+    """``scale_crop``: the cap on the long side (``train_max_size``, else 4 x the scale base)."""
+    return cfg.train_max_size or 4 * (cfg.scale_base or min(cfg.crop))
+
+
 def _scale_crop(v: _Views, cfg: DataConfig, rng: np.random.Generator) -> tuple[int, int]:
     choices = scale_choices(cfg)
     short = choices[int(rng.integers(len(choices)))]
-    max_size = cfg.train_max_size or 4 * (cfg.scale_base or min(cfg.crop))
     H, W = v.size
-    v.resize(*shortest_edge_size(H, W, short, max_size))
+    v.resize(*shortest_edge_size(H, W, short, max_train_size(cfg)))
     _random_crop(v, cfg.crop[0], cfg.crop[1], rng)
     if rng.random() < 0.5:
         v.flip()
     return v.size
 
 
-def color_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """SSD photometric distortion (detectron2/Mask2Former ColorAugSSDTransform)."""
-    import torchvision.transforms.v2.functional as TF
+# SSD photometric distortion: brightness delta, contrast and saturation factors, hue delta (in
+# OpenCV's uint8 hue units of 2 degrees), as detectron2's ColorAugSSDTransform defaults.
+BRIGHTNESS_DELTA = 32
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18
 
-    img = image.astype(np.float32)
-    if rng.random() < 0.5:
-        img = np.clip(img + rng.uniform(-32, 32), 0, 255)
-    contrast_first = rng.random() < 0.5
+
+def _affine(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """``x * alpha + beta`` in float32, clipped to 0..255 and truncated back to uint8."""
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def adjust_saturation(bgr: np.ndarray, factor: float) -> np.ndarray:
+    """Scale S of OpenCV's uint8 HSV (clipped, truncated); BGR uint8 in and out."""
+    import cv2
+
+    hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+    hsv[:, :, 1] = _affine(hsv[:, :, 1], alpha=factor)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+
+
+def shift_hue(bgr: np.ndarray, delta: int) -> np.ndarray:
+    """Add ``delta`` to H of OpenCV's uint8 HSV (H in 0..179) modulo 180; BGR uint8 in and out."""
+    import cv2
+
+    hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+    hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int64) + delta) % 180
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """SSD colour augmentation as detectron2's ``ColorAugSSDTransform`` (Mask2Former's semantic
+    mapper), on an RGB uint8 ``[H, W, 3]`` image; a new array is returned.
+
+    On the BGR image: with probability 1/2 add ``U(-32, 32)``; then, in an order drawn with
+    probability 1/2 each, either contrast, saturation, hue or saturation, hue, contrast, each
+    applied with probability 1/2: contrast multiplies by ``U(0.5, 1.5)``, saturation multiplies
+    S of OpenCV's uint8 HSV by ``U(0.5, 1.5)``, hue adds an integer of -18..18 to H modulo 180.
+    Every step clips to 0..255 and truncates to uint8. Draws, in order: the step's coin, then
+    its value (``rng.random() < 0.5``, ``rng.uniform``, ``rng.integers``).
+    """
+    img = np.ascontiguousarray(image[:, :, ::-1])  # BGR, as the authors' transform works in
 
     def contrast(x: np.ndarray) -> np.ndarray:
+        return _affine(x, alpha=rng.uniform(*CONTRAST_RANGE)) if rng.random() < 0.5 else x
+
+    def saturation(x: np.ndarray) -> np.ndarray:
+        return adjust_saturation(x, rng.uniform(*SATURATION_RANGE)) if rng.random() < 0.5 else x
+
+    def hue(x: np.ndarray) -> np.ndarray:
         if rng.random() < 0.5:
-            x = np.clip(x * rng.uniform(0.5, 1.5), 0, 255)
+            return shift_hue(x, int(rng.integers(-HUE_DELTA, HUE_DELTA + 1)))
         return x
 
-    if contrast_first:
-        img = contrast(img)
-    t = torch.from_numpy(np.ascontiguousarray(img.astype(np.uint8))).permute(2, 0, 1)
     if rng.random() < 0.5:
-        t = TF.adjust_saturation(t, float(rng.uniform(0.5, 1.5)))
-    if rng.random() < 0.5:
-        t = TF.adjust_hue(t, float(rng.integers(-18, 19)) / 180.0)
-    img = t.permute(1, 2, 0).numpy().astype(np.float32)
-    if not contrast_first:
-        img = contrast(img)
-    return img.astype(np.uint8)
+        img = _affine(img, beta=rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA))
+    steps = (contrast, saturation, hue) if rng.random() < 0.5 else (saturation, hue, contrast)
+    for step in steps:
+        img = step(img)
+    return np.ascontiguousarray(img[:, :, ::-1])
 
 
 # --------------------------------------------------------------------------------------
@@ -254,13 +299,19 @@ def test_transform(record: Record, cfg: DataConfig) -> dict[str, Any]:
     return sample
 
 
-def collate(samples: list[dict[str, Any]], size_divisibility: int = 32) -> dict[str, Any]:
+def collate(
+    samples: list[dict[str, Any]],
+    size_divisibility: int = 32,
+    *,
+    pad_value: float | Sequence[float],
+) -> dict[str, Any]:
     """Pad a list of samples to one size divisible by ``size_divisibility``.
 
-    Returns ``{"images": uint8 [B, 3, H, W], "targets": [...], "metas": [...]}``: images padded
-    with 0, each target a dict with ``instances`` (``labels`` int64 [N], ``masks`` bool
-    [N, H, W] padded with False) and, when the sample has it, ``sem_seg`` (int64 [H, W] padded
-    with 255). Metas are the samples' ``meta`` dicts unchanged.
+    Returns ``{"images": float32 [B, 3, H, W] (0..255), "targets": [...], "metas": [...]}``:
+    images padded with ``pad_value`` (one number, or one per RGB channel: the model's pixel mean
+    pads with what normalises to 0), each target a dict with ``instances`` (``labels`` int64
+    [N], ``masks`` bool [N, H, W] padded with False) and, when the sample has it, ``sem_seg``
+    (int64 [H, W] padded with 255). Metas are the samples' ``meta`` dicts unchanged.
     """
     if not samples:
         raise ValueError("collate: no samples")
@@ -268,11 +319,9 @@ def collate(samples: list[dict[str, Any]], size_divisibility: int = 32) -> dict[
     H = max(s["image"].shape[1] for s in samples)
     W = max(s["image"].shape[2] for s in samples)
     H, W = -(-H // d) * d, -(-W // d) * d
-    images = torch.zeros((len(samples), 3, H, W), dtype=torch.uint8)
+    images = pad_images([s["image"] for s in samples], (H, W), pad_value)
     targets = []
-    for b, s in enumerate(samples):
-        h, w = s["image"].shape[1:]
-        images[b, :, :h, :w] = s["image"]
+    for s in samples:
         masks = s["instances"]["masks"]
         padded = torch.zeros((masks.shape[0], H, W), dtype=torch.bool)
         padded[:, : masks.shape[1], : masks.shape[2]] = masks
@@ -285,3 +334,18 @@ def collate(samples: list[dict[str, Any]], size_divisibility: int = 32) -> dict[
             target["sem_seg"] = sem
         targets.append(target)
     return {"images": images, "targets": targets, "metas": [s["meta"] for s in samples]}
+
+
+def pad_images(
+    images: Sequence[torch.Tensor], size: tuple[int, int], pad_value: float | Sequence[float]
+) -> torch.Tensor:
+    """``[3, h, w]`` images (any dtype, 0..255) at the top left of a float32 ``[B, 3, *size]``
+    batch filled with ``pad_value`` (a number or one per channel)."""
+    fill = torch.as_tensor(pad_value, dtype=torch.float32).reshape(-1, 1, 1)
+    if fill.shape[0] not in (1, 3):
+        raise ValueError(f"pad_value: expected one number or three, got {pad_value!r}")
+    out = fill.expand(3, *size).repeat(len(images), 1, 1, 1)
+    for b, image in enumerate(images):
+        h, w = image.shape[-2:]
+        out[b, :, :h, :w] = image
+    return out

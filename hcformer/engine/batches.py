@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from hcformer.config import Config
 from hcformer.engine.signals import STOP_SIGNALS
 
-# One pass of one iteration: images [B, 3, H, W] (0..255), per-image targets ({"labels", "masks"}
-# and "sem_seg" where the dataset has it), and the global indices of its samples.
+# One pass of one iteration: images float32 [B, 3, H, W] (0..255), per-image targets ({"labels",
+# "masks"} and "sem_seg" where the dataset has it), and the global indices of its samples.
 Pass = tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[int]]
 
 
@@ -35,6 +35,23 @@ def train_pad_size(cfg: Config) -> tuple[int, int]:
     data = cfg.data
     h, w = (data.lsj_size, data.lsj_size) if data.augmentation == "lsj" else tuple(data.crop)
     return -(-h // 32) * 32, -(-w // 32) * 32
+
+
+def train_pad_value(cfg: Config) -> float | tuple[float, ...]:
+    """The image value of training padding (``data.train_image_pad``): 128, as the authors'
+    ADE20K mapper and FixedSizeCrop pad crops before normalisation, or the model's pixel mean
+    ("mean": 0 once normalised, as their model pads a batch whose mapper did not pad)."""
+    if cfg.data.train_image_pad == "mean":
+        return eval_pad_value()
+    return float(cfg.data.train_image_pad)
+
+
+def eval_pad_value() -> tuple[float, ...]:
+    """The image value of test padding: the pixel mean the models subtract, so that the padding
+    is exactly 0 after normalisation (the authors normalise, then pad the batch with 0)."""
+    from hcformer.models.hcformer import PIXEL_MEAN
+
+    return PIXEL_MEAN
 
 
 class TrainBatches(Dataset):
@@ -75,16 +92,20 @@ class TrainBatches(Dataset):
         self, iteration: int, indices: list[int]
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """The samples ``indices`` of ``iteration``, collated and padded to
-        :func:`train_pad_size` (masks with zeros, semantic labels with 255)."""
+        :func:`train_pad_size` (images with :func:`train_pad_value`, masks with zeros, semantic
+        labels with 255)."""
         from hcformer.data import collate
+        from hcformer.data.transforms import pad_images
 
-        batch = collate([self.sample(iteration, j) for j in indices], size_divisibility=32)
+        pad = train_pad_value(self.cfg)
+        batch = collate(
+            [self.sample(iteration, j) for j in indices], size_divisibility=32, pad_value=pad
+        )
         height, width = train_pad_size(self.cfg)
         images = batch["images"]
         if images.shape[-2] < height or images.shape[-1] < width:
-            padded = images.new_zeros((*images.shape[:2], height, width))
-            padded[..., : images.shape[-2], : images.shape[-1]] = images
-            images = padded
+            size = (max(height, images.shape[-2]), max(width, images.shape[-1]))
+            images = pad_images(list(images), size, pad)
         targets = []
         for t in batch["targets"]:
             masks = t["instances"]["masks"]
@@ -108,7 +129,7 @@ def to_device(
     images: torch.Tensor, targets: list[dict[str, torch.Tensor]], device: torch.device
 ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """A pass's tensors on ``device`` (asynchronous copies from pinned memory on CUDA); the
-    images as float, converted there."""
+    images as float."""
     moved = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
     return images.to(device, non_blocking=True).float(), moved
 

@@ -1,9 +1,10 @@
 """``hcformer evaluate --run-dir DIR``: score a trained run folder and write ``metrics.json``.
 
 Loads ``model_final.pt``, runs the model on the validation split (test-time resize of the config,
-padded to a multiple of 32, no test-time augmentation), post-processes the final prediction as
-MaskFormer (:mod:`hcformer.models.postprocess`: stride 4 -> x4 bilinear to the padded input ->
-crop -> resize to the original image), writes the predictions under ``DIR/predictions`` in the
+padded to a multiple of 32 with the pixel mean, i.e. 0 once normalised; no test-time
+augmentation), post-processes the final prediction as MaskFormer
+(:mod:`hcformer.models.postprocess`: stride 4 -> x4 bilinear to the padded input -> crop ->
+resize to the original image), writes the predictions under ``DIR/predictions`` in the
 official formats and scores them with :mod:`hcformer.evaluation`. Metrics, in percent
 (DESIGN.md "Conventions"):
 
@@ -103,6 +104,7 @@ class Evaluator:
         import torch
 
         from hcformer.data import build_dataset, collate, test_transform
+        from hcformer.engine.batches import eval_pad_value
         from hcformer.engine.predictions import InstanceWriter, PanopticWriter, SemanticWriter
         from hcformer.engine.runinfo import METRICS, check_num_classes, write_json_atomic
         from hcformer.evaluation import undersegmentation_error
@@ -138,8 +140,9 @@ class Evaluator:
                 indices = list(range(first, min(first + batch, len(ds))))
                 records = [ds.load(i) for i in indices]
                 samples = [test_transform(r, cfg.data) for r in records]
-                collated = collate(samples, size_divisibility=32)
-                images = collated["images"].to(self.device).float()
+                # Padded with the pixel mean: 0 after the model normalises, as the authors'.
+                collated = collate(samples, size_divisibility=32, pad_value=eval_pad_value())
+                images = collated["images"].to(self.device)
                 padded = tuple(images.shape[-2:])
                 outputs = model(images)
                 levels = hard_clusters(outputs.get("assignments", []))

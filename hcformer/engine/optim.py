@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hcformer.config import SolverConfig
+from hcformer.errors import ConfigError
 
 _NORMS = (
     nn.BatchNorm1d,
@@ -67,14 +68,33 @@ def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=solver.lr, fused=fused or None)
 
 
+def milestones(solver: SolverConfig) -> list[int]:
+    """The iterations at which the step schedule multiplies the rate by ``gamma``: a step at
+    most 1 is a fraction of ``solver.iterations`` (``int(f * iterations)``), a larger one an
+    iteration number (the authors' COCO configs: 327778 and 355092 of 368750)."""
+    total = max(solver.iterations, 1)
+    return sorted(int(f * total) if f <= 1 else int(f) for f in solver.steps)
+
+
+def check_steps(solver: SolverConfig) -> None:
+    """A step schedule whose iteration-number steps lie beyond ``solver.iterations`` would
+    never decay (e.g. the paper's steps with fewer iterations): a ConfigError naming them."""
+    late = [f for f in solver.steps if f > 1 and f > solver.iterations]
+    if solver.schedule == "step" and late:
+        raise ConfigError(
+            f"solver.steps: {[int(f) for f in late]} lie beyond solver.iterations "
+            f"{solver.iterations}; give fractions of the iterations (at most 1, e.g. "
+            "[0.889, 0.963]) or iteration numbers below it"
+        )
+
+
 def lr_factor(iteration: int, solver: SolverConfig) -> float:
     """Multiplier of the base learning rate at ``iteration`` (0-based)."""
     total = max(solver.iterations, 1)
     if solver.schedule == "poly":
         factor = (1.0 - min(iteration, total) / total) ** solver.poly_power
     else:
-        milestones = sorted(int(f * total) if f <= 1 else int(f) for f in solver.steps)
-        factor = solver.gamma ** bisect.bisect_right(milestones, iteration)
+        factor = solver.gamma ** bisect.bisect_right(milestones(solver), iteration)
     if iteration < solver.warmup_iters:
         alpha = iteration / solver.warmup_iters
         factor *= solver.warmup_factor * (1.0 - alpha) + alpha
@@ -84,4 +104,5 @@ def lr_factor(iteration: int, solver: SolverConfig) -> float:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, solver: SolverConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    check_steps(solver)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, solver))
