@@ -29,18 +29,69 @@ and their backwards) with fake kernels, so they run on any device, on ``meta`` a
 formulas registered at the end of this file: exactly 9 * C * H * W multiply-adds per image for
 clustering and for decode (``clustering_macs`` / ``decode_macs``), as fvcore counted the
 listings' einsums, and twice that for each backward.
+
+Backends. On CUDA tensors, where triton is installed, each primitive runs instead as one fused
+Triton kernel (``hcformer.ops.triton_kernels``); the batched products above stay the path on the
+CPU. ``use_backend("torch" | "triton" | "auto")`` (a context manager) forces one for a block: the
+benchmark compares both on a GPU, and the tests force ``"triton"`` on CPU tensors, which then run
+in Triton's interpreter (``TRITON_INTERPRET=1`` must be set before triton is imported:
+``tests/test_ops_triton.py`` runs itself in such a subprocess). The custom ops, fake kernels and
+FLOP formulas are the same whichever backend runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from hcformer.ops._checks import check_clustering_args, check_decode_args
 from hcformer.ops.reference import masked_logits
+
+BACKENDS = ("auto", "torch", "triton")
+_backend = "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the primitives with backend ``name`` inside the block.
+
+    "auto": Triton kernels for CUDA tensors where triton is installed, batched products otherwise;
+    "torch": always the batched products; "triton": always the Triton kernels (CPU tensors run in
+    Triton's interpreter and need ``TRITON_INTERPRET=1`` set before triton is imported).
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: expected one of {BACKENDS}, got {name!r}")
+    if name == "triton" and _triton_kernels() is None:
+        raise RuntimeError("use_backend('triton'): triton is not installed")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """``hcformer.ops.triton_kernels``, imported on first use; None where triton is missing."""
+    try:
+        from hcformer.ops import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _kernels_for(t: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels module if the backend in force runs tensor ``t`` on it, else None."""
+    if _backend == "torch" or (_backend == "auto" and t.device.type != "cuda"):
+        return None
+    return _triton_kernels()
 
 
 @dataclass(frozen=True)
@@ -209,6 +260,9 @@ def _fine_grid_of(fine: torch.Tensor) -> _Grid:
 @torch.library.custom_op("hcformer::local_similarity", mutates_args=())
 def local_similarity(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     """S [B, 9, H, W] = <fine[:, Y, X], coarse[:, candidate k of (Y, X)]> (eq. 3 before softmax)."""
+    kernels = _kernels_for(fine)
+    if kernels is not None:
+        return kernels.similarity(fine, coarse)
     g, c = _fine_grid_of(fine), fine.shape[1]
     with _no_autocast(fine):
         return _similarity(_fine_to_grid(fine, g), _coarse_to_grid(coarse, g), g, c)
@@ -230,6 +284,13 @@ def local_similarity_backward(
     """
     g, c = _fine_grid_of(fine), fine.shape[1]
     d_fine, d_coarse = fine.new_empty(0), coarse.new_empty(0)
+    kernels = _kernels_for(fine)
+    if kernels is not None:
+        if need_fine:
+            d_fine = kernels.gather(coarse, grad, _channels_last(fine))
+        if need_coarse:
+            d_coarse = kernels.scatter(fine, grad, _channels_last(coarse))
+        return d_fine, d_coarse
     with _no_autocast(fine):
         wg = _fine_to_grid(grad, g)
         if need_fine:
@@ -252,6 +313,9 @@ def _(grad, fine, coarse, need_fine, need_coarse):
 @torch.library.custom_op("hcformer::local_decode", mutates_args=())
 def local_decode(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out [B, C, H, W] = sum_k weights[:, k] * x[:, candidate k] (eq. 5), in x's memory format."""
+    kernels = _kernels_for(x)
+    if kernels is not None:
+        return kernels.gather(x, weights, _channels_last(x))
     g, c = _fine_grid_of(weights), x.shape[1]
     with _no_autocast(x):
         return _gather(_coarse_to_grid(x, g), _fine_to_grid(weights, g), g, c, _channels_last(x))
@@ -278,6 +342,11 @@ def local_decode_backward(
 
     d x has the memory format of x; a gradient not needed is an empty tensor.
     """
+    kernels = _kernels_for(x)
+    if kernels is not None:  # dense: picking live channels would sync the device
+        d_x = kernels.scatter(grad, weights, _channels_last(x)) if need_x else x.new_empty(0)
+        d_w = kernels.similarity(grad, x) if need_weights else weights.new_empty(0)
+        return d_x, d_w
     live = grad.flatten(2).ne(0).any(-1)  # [B, C]: channels that receive any gradient
     if live.float().mean() < SPARSE_BACKWARD_BELOW:  # (an empty grad's mean is nan: dense)
         return _live_channels_backward(grad, x, weights, live, need_x, need_weights)
