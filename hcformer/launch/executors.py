@@ -295,7 +295,7 @@ def submit_with_retries(
                     transient=True,
                 ) from exc
             delay = min(backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
-            say(f"submission {attempt}/{attempts} refused ({exc}); retrying in {delay:.0f} s")
+            say(f"submission {attempt}/{attempts} refused ({exc}); retrying in {delay:.3g} s")
             time.sleep(delay)
             continue
         record({"at": time.time(), "job_id": handle.job_id})

@@ -309,8 +309,10 @@ def _run_submitted(
     for run in runs:
         spec, handle = run.spec, run.handle
         run_dir = Path(spec.run_dir)
-        # A shared file system may show a compute node's last files a little late.
-        deadline = time.time() + RESULT_GRACE_S
+        # A shared file system may show a compute node's last files a little late (a job that
+        # SLURM says failed, was cancelled or lost its node wrote none: no wait).
+        late = handle.last_state in ("", "COMPLETED")
+        deadline = time.time() + (RESULT_GRACE_S if late else 0.0)
         while not (run_dir / METRICS_FILE).exists() and time.time() < deadline:
             if handle.paths.result_pickle.exists():
                 break
