@@ -2,16 +2,19 @@
 
 From a table's cells (``hcformer aggregate``; ``<results>/aggregate/<table>.csv``):
 
-- ``tables/<table>.tex``: a ``table`` float in the paper's layout (its rows and columns, in its
-  order); each number column shows the paper's value, ours (median of the seeds) and the
-  difference; rows the paper quotes from other papers are marked as quoted (never trained);
-  runs that are missing, failed or not built yet are marked so, never dropped; a median of fewer
-  seeds than expected carries a dagger;
+- ``tables/<table>.tex``: a float in the paper's layout (its rows and columns, in its order)
+  that fits a two-column paper unscaled: a ``table`` in a column when it fits there, else a
+  ``table*`` across the page, at the largest font size that fits (widths measured from the
+  cells' text with Computer Modern's metrics); each number column shows the paper's value, ours
+  (median of the seeds) and the difference, side by side or stacked; rows the paper quotes from
+  other papers are marked as quoted (never trained); runs that are missing, failed or not built
+  yet are marked so, never dropped; a median of fewer seeds than expected carries a dagger;
+  COCO's -1 (no object of this size) is an en dash; negative numbers have a math minus;
 - ``provenance/<table>.json``: for every cell, the runs it came from (experiment, seed, value,
   MLflow run id, git commit) or the profile file, or the paper quoted;
 - ``macros.tex`` (``--macros``): one macro per number of every table, e.g.
   ``\\hcTableFiveHCFormerRFiftyLThreePqOurs``, so a manuscript can ``\\input`` it;
-- ``tables.pdf`` (``--pdf``): every table in one document, compiled with pdflatex.
+- ``tables.pdf`` (``--pdf``): every table in one two-column document, compiled with pdflatex.
 """
 
 from __future__ import annotations
@@ -62,10 +65,9 @@ STATUS_MARKS = {
     "no_metric": r"\textit{n/a}",
     "quoted": r"\textit{quoted}",
 }
-PREAMBLE = r"""\documentclass[10pt]{article}
-\usepackage[margin=1.5cm,landscape]{geometry}
+# A two-column page as a paper has (article's own widths: COLUMN_PT and TEXT_PT below).
+PREAMBLE = r"""\documentclass[10pt,twocolumn]{article}
 \usepackage{booktabs}
-\usepackage{graphicx}
 \begin{document}
 """
 
@@ -87,25 +89,55 @@ def latex_escape(text: str) -> str:
     return "".join(out)
 
 
+MINUS = r"\ensuremath{-}"  # a math minus in text and in math mode (a hyphen is not a minus)
+# COCO's summary prints -1 (here -100, in percent) for "no object of this size" (e.g. AP_S on
+# images without small objects): not a number, shown as an en dash.
+COCO_COLUMNS = ("ap", "ar")
+SETTING_INTEGERS = ("hierarchy_level", "decoder_layers", "queries", "crop")
+
+
+def _signed(text: str) -> str:
+    return MINUS + text[1:] if text.startswith("-") else text
+
+
+def no_objects(value: Any, column: str) -> bool:
+    """Whether ``value`` is COCO's -1 ("no object of this size") of an AP/AR column."""
+    return (
+        column.split("_")[0] in COCO_COLUMNS
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value < 0
+    )
+
+
 def fmt(value: Any, column: str = "") -> str:
-    """A number as the paper prints it: one decimal (integers for params/GFLOPs settings)."""
-    if value is None or value == "":
+    """A number as the paper prints it: the paper's integers as integers (37, 3692), else one
+    decimal (two below 1 for params/GFLOPs of the tiny models); a math minus; COCO's -1 and an
+    absent value as an en dash."""
+    if value is None or value == "" or no_objects(value, column):
         return "--"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, (int, float)):
-        if column in ("hierarchy_level", "decoder_layers", "queries", "crop"):
-            return str(int(value))
-        if column in ("params_m", "gflops") and 0 < abs(float(value)) < 1:
-            return f"{float(value):.2f}"  # the tiny models: 0.1 GFLOPs would hide the steps
-        return f"{float(value):.1f}"
+    if isinstance(value, int) or (column in SETTING_INTEGERS and isinstance(value, float)):
+        return _signed(str(int(value)))
+    if isinstance(value, float):
+        if column in ("params_m", "gflops") and 0 < abs(value) < 1:
+            return f"{value:.2f}"  # the tiny models: 0.1 GFLOPs would hide the steps
+        return _signed(f"{value:.1f}")
     return latex_escape(str(value))
 
 
 def fmt_diff(value: float | None) -> str:
     if value is None:
         return "--"
-    return f"{value:+.1f}".replace("-", "$-$")
+    text = f"{value:+.1f}"
+    return _signed(text) if text.startswith("-") else text
+
+
+def _diff_text(cell: dict[str, Any]) -> str:
+    if no_objects(cell["ours"], cell["column"]) or no_objects(cell["paper"], cell["column"]):
+        return "--"
+    return fmt_diff(cell["diff"])
 
 
 def _grid(cells: list[dict[str, Any]]) -> tuple[list[str], list[str], dict]:
@@ -116,75 +148,231 @@ def _grid(cells: list[dict[str, Any]]) -> tuple[list[str], list[str], dict]:
     return rows, columns, by
 
 
+# --------------------------------------------------------------------------------------
+# Widths: every table must fit a two-column paper (a column, else the page), without scaling.
+
+# Widths in pt of Computer Modern Roman at 10 pt (cmr10's metrics, rounded up); other
+# characters count as an upper-case letter. Smaller sizes scale by their design size, plus a
+# margin (cmr8 is relatively wider than cmr10).
+_CHAR_PT = {**dict.fromkeys("0123456789", 5.0), **dict.fromkeys(".,:;!'", 2.8)}
+_CHAR_PT.update({" ": 3.4, "(": 3.9, ")": 3.9, "/": 5.0, "-": 3.4, "+": 7.8, "=": 7.8})
+_CHAR_PT.update(dict.fromkeys("ijlt", 2.8) | dict.fromkeys("fr", 3.9) | {"m": 8.4, "w": 7.3})
+_LOWER_PT, _UPPER_PT = 5.3, 7.6
+_MACRO_PT = {
+    MINUS: 7.8,
+    r"$^\dagger$": 3.4,
+    r"$\Delta$": 8.4,
+    r"\#": 8.4,
+    "--": 5.0,
+    r"\textasciitilde{}": 5.0,
+}
+SIZES = {"small": 0.93, "footnotesize": 0.86, "scriptsize": 0.78}  # vs 10 pt, with a margin
+TABCOLSEP_PT = 4.0
+# \columnwidth and \textwidth of a two-column article at 10 pt (a conference template is close).
+COLUMN_PT, TEXT_PT = 229.5, 469.0
+
+
+def text_width(latex: str) -> float:
+    """An upper bound of the natural width (pt, 10 pt Computer Modern) of a cell's LaTeX."""
+    text, width = latex, 0.0
+    for macro, pt in _MACRO_PT.items():
+        width += text.count(macro) * pt
+        text = text.replace(macro, "")
+    # Sub- and superscripts are set at 70%.
+    for script in re.findall(r"\\text(?:super|sub)script\{([^}]*)\}", text):
+        width += 0.7 * text_width(script)
+    text = re.sub(r"\\text(?:super|sub)script\{[^}]*\}", "", text)
+    text = re.sub(r"\\[A-Za-z]+\*?", "", text).replace("{", "").replace("}", "")
+    text = text.replace("\\", "").replace("$", "")
+    for ch in text:
+        if ch in _CHAR_PT:
+            width += _CHAR_PT[ch]
+        else:
+            width += _LOWER_PT if ch.islower() else _UPPER_PT
+    return width
+
+
+def tabular_width(lines: list[list[tuple[str, int]]], n_columns: int, size: float) -> float:
+    """The natural width (pt) of a tabular of ``lines`` of (cell LaTeX, columns spanned)."""
+    widths = [0.0] * n_columns
+    spans = []
+    for line in lines:
+        col = 0
+        for text, span in line:
+            w = text_width(text) * size
+            if span == 1:
+                widths[col] = max(widths[col], w)
+            else:
+                spans.append((col, span, w))
+            col += span
+    for col, span, w in spans:  # a spanning cell widens its last column if it needs to
+        inside = sum(widths[col : col + span]) + 2 * TABCOLSEP_PT * (span - 1)
+        widths[col + span - 1] += max(0.0, w - inside)
+    return sum(widths) + 2 * TABCOLSEP_PT * n_columns
+
+
+# Where a table goes, in order of preference: a column of the page (its own layout, then the
+# stacked one), else across the page. \scriptsize is too small to read beside the text.
+PLACES = (
+    ("table", COLUMN_PT, ("small", "footnotesize")),
+    ("table*", TEXT_PT, ("small", "footnotesize", "scriptsize")),
+)
+
+
+def fit(layouts: list[tuple[Any, int, list]]) -> tuple[int, str, str]:
+    """The first (layout index, float, font size) at which a tabular fits, never scaled: a
+    column of a two-column paper (``table``), else the page (``table*``). ``layouts``: (name,
+    number of columns, lines of (cell LaTeX, columns spanned))."""
+    for env, room, sizes in PLACES:
+        for size in sizes:
+            for i, (_, n_columns, lines) in enumerate(layouts):
+                if tabular_width(lines, n_columns, SIZES[size]) <= room:
+                    return i, env, size
+    return len(layouts) - 1, "table*", "scriptsize"
+
+
+def _row_label(row: str, quoted: bool) -> str:
+    return latex_escape(row) + (r"$^{q}$" if quoted else "")
+
+
+def _ours(cell: dict[str, Any], footnotes: set[str]) -> str | None:
+    """Our value of a cell (with a dagger when partial), or None when it has no number."""
+    if cell["status"] not in ("ok", "partial"):
+        if cell["status"] in STATUS_MARKS:
+            footnotes.add(cell["status"])
+        return None
+    ours = fmt(cell["ours"], cell["column"])
+    if no_objects(cell["ours"], cell["column"]):
+        footnotes.add("no_objects")
+        return ours
+    if cell["status"] == "partial":
+        ours += r"$^\dagger$"
+        footnotes.add("partial")
+    return ours
+
+
+def _mark(cell: dict[str, Any]) -> str:
+    return STATUS_MARKS.get(cell["status"], latex_escape(cell["status"]))
+
+
+def _triple_layout(rows, settings, numbers, by, footnotes):
+    """Paper, ours and the difference side by side for each number column."""
+    head1 = [("Method", 1)] + [(COLUMN_TITLES.get(c, latex_escape(c)), 1) for c in settings]
+    head1 += [(COLUMN_TITLES.get(c, latex_escape(c)), 3) for c in numbers]
+    head2 = [("", 1)] * (1 + len(settings)) + [("paper", 1), ("ours", 1), (r"$\Delta$", 1)] * len(
+        numbers
+    )
+    first = 2 + len(settings)
+    rules = "".join(
+        rf"\cmidrule(lr){{{first + 3 * i}-{first + 3 * i + 2}}}" for i in range(len(numbers))
+    )
+    body = []
+    for row in rows:
+        quoted = by[(row, (settings + numbers)[0])]["quoted"]
+        if quoted:
+            footnotes.add("quoted")
+        line = [(_row_label(row, quoted), 1)]
+        line += [(fmt(by[(row, c)]["paper"], c), 1) for c in settings]
+        for column in numbers:
+            cell = by[(row, column)]
+            if no_objects(cell["paper"], column):
+                footnotes.add("no_objects")
+            line.append((fmt(cell["paper"], column), 1))
+            ours = _ours(cell, footnotes)
+            if ours is None:  # a mark over ours and the difference
+                line.append((_mark(cell), 2))
+            else:
+                line += [(ours, 1), (_diff_text(cell), 1)]
+        body.append(line)
+    n_columns = 1 + len(settings) + 3 * len(numbers)
+    spec = "l" + "c" * len(settings) + "r" * (3 * len(numbers))
+    return spec, n_columns, [head1, head2], rules, body
+
+
+def _stacked_layout(rows, settings, numbers, by, footnotes):
+    """A column per number, as the paper prints it: the paper's line of a row, then a line of
+    ours and one of the difference below it (quoted rows have neither)."""
+    titles = [COLUMN_TITLES.get(c, latex_escape(c)) for c in settings + numbers]
+    head = [("Method", 1)] + [(t, 1) for t in titles]
+    body = []
+    for row in rows:
+        quoted = by[(row, (settings + numbers)[0])]["quoted"]
+        if quoted:
+            footnotes.add("quoted")
+        line = [(_row_label(row, quoted), 1)]
+        line += [(fmt(by[(row, c)]["paper"], c), 1) for c in settings + numbers]
+        body.append(line)
+        if quoted:
+            continue
+        ours_line = [(r"\quad ours", 1)] + [("", 1)] * len(settings)
+        diff_line = [(r"\quad $\Delta$", 1)] + [("", 1)] * len(settings)
+        for column in numbers:
+            cell = by[(row, column)]
+            ours = _ours(cell, footnotes)
+            ours_line.append((_mark(cell) if ours is None else ours, 1))
+            diff_line.append(("--" if ours is None else _diff_text(cell), 1))
+        body += [ours_line, diff_line]
+    n_columns = 1 + len(settings) + len(numbers)
+    spec = "l" + "c" * len(settings) + "r" * len(numbers)
+    return spec, n_columns, [head], "", body
+
+
+def _latex_line(line: list[tuple[str, int]]) -> str:
+    out = []
+    for text, span in line:
+        out.append(text if span == 1 else rf"\multicolumn{{{span}}}{{c}}{{{text}}}")
+    return " & ".join(out) + r" \\"
+
+
 def render_table(table_id: str, title: str, cells: list[dict[str, Any]], scale: str) -> str:
-    """The booktabs LaTeX of one table (a ``table`` float, for ``\\input``)."""
+    """The booktabs LaTeX of one table, for ``\\input``: a ``table`` float when it fits a column
+    of a two-column paper, else a ``table*`` across the page, at the largest font size that
+    fits (widths measured from its cells, never scaled); paper, ours and the difference side by
+    side, or stacked when that is what fits."""
     rows, columns, by = _grid(cells)
     settings = [c for c in columns if by[(rows[0], c)]["kind"] == "setting"]
     numbers = [c for c in columns if c not in settings]
-    wide = len(numbers) > 4  # wider than a landscape page: scale it down
-    spec = "l" + "c" * len(settings) + "".join("rrr" for _ in numbers)
-    head1 = ["Method"] + [COLUMN_TITLES.get(c, latex_escape(c)) for c in settings]
-    head1 += [
-        rf"\multicolumn{{3}}{{c}}{{{COLUMN_TITLES.get(c, latex_escape(c))}}}" for c in numbers
-    ]
-    rules = []
-    first = 2 + len(settings)
-    for i, _ in enumerate(numbers):
-        start = first + 3 * i
-        rules.append(rf"\cmidrule(lr){{{start}-{start + 2}}}")
-    head2 = [""] * (1 + len(settings)) + ["paper", "ours", r"$\Delta$"] * len(numbers)
+    built = []
+    for layout in (_triple_layout, _stacked_layout):
+        footnotes: set[str] = set()
+        built.append((*layout(rows, settings, numbers, by, footnotes), footnotes))
+    choice, env, size = fit([(b[0], b[1], b[2] + b[4]) for b in built])
+    spec, n_columns, heads, rules, body, footnotes = built[choice]
     lines = [
-        r"\begin{table}[htbp]",
+        rf"\begin{{{env}}}[htbp]",
         r"\centering",
+        rf"\{size}",
+        rf"\setlength{{\tabcolsep}}{{{TABCOLSEP_PT:g}pt}}",
         rf"\caption{{{latex_escape(title)} ({latex_escape(table_id)}; scale \texttt{{{scale}}}"
         + (r": not results" if scale != "paper" else "")
         + r"). Ours: median over seeds; $\Delta$ = ours $-$ paper.}",
         rf"\label{{tab:hcformer-{table_id}}}",
-        (r"\resizebox{\textwidth}{!}{%" if wide else r"{%"),
         rf"\begin{{tabular}}{{{spec}}}",
         r"\toprule",
-        " & ".join(head1) + r" \\",
-        "".join(rules),
-        " & ".join(head2) + r" \\",
-        r"\midrule",
     ]
-    footnotes = set()
-    for row in rows:
-        quoted = by[(row, columns[0])]["quoted"]
-        label = latex_escape(row) + (r" \textit{(quoted)}" if quoted else "")
-        if quoted:
-            footnotes.add("quoted")
-        out = [label]
-        for column in settings:
-            out.append(fmt(by[(row, column)]["paper"], column))
-        for column in numbers:
-            cell = by[(row, column)]
-            out.append(fmt(cell["paper"], column))
-            status = cell["status"]
-            if status in ("ok", "partial"):
-                ours = fmt(cell["ours"], column)
-                if status == "partial":
-                    ours += r"$^\dagger$"
-                    footnotes.add("partial")
-                out += [ours, fmt_diff(cell["diff"])]
-            else:
-                out += [STATUS_MARKS.get(status, latex_escape(status)), "--"]
-                if status in STATUS_MARKS:
-                    footnotes.add(status)
-        lines.append(" & ".join(out) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}}"]
+    for i, head in enumerate(heads):
+        lines.append(_latex_line(head))
+        if i == 0 and rules:
+            lines.append(rules)
+    lines.append(r"\midrule")
+    lines += [_latex_line(line) for line in body]
+    lines += [r"\bottomrule", r"\end{tabular}"]
     notes = []
     if "quoted" in footnotes:
-        notes.append("\\textit{quoted}: the paper quotes this row from another paper; not trained")
+        notes.append("$^{q}$ quoted by the paper from another paper; not trained")
     if "partial" in footnotes:
         notes.append(r"$^\dagger$ median of fewer seeds than expected")
+    if "no_objects" in footnotes:
+        notes.append("-- no object of this size in the evaluation images")
     if "missing" in footnotes or "failed" in footnotes:
         notes.append(r"\textit{missing}/\textit{failed}: the runs have no metrics yet")
     if "not_built" in footnotes:
         notes.append(r"\textit{not built}: the model is not part of this build yet")
+    if "no_metric" in footnotes:
+        notes.append(r"\textit{n/a}: the runs do not report this metric")
     if notes:
         lines.append(r"\par\smallskip{\footnotesize " + "; ".join(notes) + ".}")
-    lines.append(r"\end{table}")
+    lines.append(rf"\end{{{env}}}")
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +418,7 @@ def macros_for(cells: list[dict[str, Any]]) -> list[tuple[str, str]]:
         if cell["status"] in ("ok", "partial"):
             ours = fmt(cell["ours"], cell["column"])
             out.append((base + "Ours", ours))
-            out.append((base + "Diff", fmt_diff(cell["diff"])))
+            out.append((base + "Diff", _diff_text(cell)))
             if cell["kind"] == "metric":
                 out.append((base + "Min", fmt(cell["min"], cell["column"])))
                 out.append((base + "Max", fmt(cell["max"], cell["column"])))
