@@ -15,7 +15,8 @@ SCALE = config["scale"]
 SEEDS = [int(s) for s in config["seeds"]]
 RESULTS = f"{config['results']}/{SCALE}"
 LAUNCHER = config["launcher"]
-ENV = "../envs/hcformer.yaml"  # Python, then the project itself (hcformer.post-deploy.sh)
+# Every rule's conda environment: Python, then the project itself (hcformer.post-deploy.sh).
+ENV = "../envs/hcformer.yaml"
 # The tiny and smoke models are the same: profile them once, at `tiny` (the paper's sizes take
 # minutes a table to count, and their numbers are the paper's, not the smoke runs').
 PROFILE_SCALE = "paper" if SCALE == "paper" else "tiny"
