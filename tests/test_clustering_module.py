@@ -59,11 +59,42 @@ def test_embedding_is_layernorm_over_channels_then_projection_then_l2():
     f, c = m.embed(fine, coarse)
     mean = fine.mean(1, keepdim=True)
     var = fine.var(1, keepdim=True, unbiased=False)
-    normed = (fine - mean) / torch.sqrt(var + 1e-6) * m.fine_norm.weight.view(1, -1, 1, 1)
+    normed = (fine - mean) / torch.sqrt(var + 1e-5) * m.fine_norm.weight.view(1, -1, 1, 1)
     normed = normed + m.fine_norm.bias.view(1, -1, 1, 1)
     proj = torch.einsum("oc,bchw->bohw", m.fine_proj.weight[:, :, 0, 0], normed)
     torch.testing.assert_close(f, proj / proj.norm(dim=1, keepdim=True), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c.norm(dim=1), torch.ones(2, 3, 2))
+
+
+def test_layernorm_eps_is_torchs_default_as_the_authors_module():
+    """The authors' clustering module normalises with nn.LayerNorm's default eps 1e-5 (channels
+    last). On features whose variance is near eps the choice shows: 1e-5, not timm's 1e-6."""
+    m = _module()
+    assert m.fine_norm.eps == m.coarse_norm.eps == 1e-5
+    g = torch.Generator().manual_seed(3)
+    fine = 3e-3 * torch.randn(2, 12, 4, 6, generator=g) + 0.7  # per-pixel variance ~1e-5
+    coarse = 3e-3 * torch.randn(2, 20, 2, 3, generator=g) - 0.2
+    with torch.no_grad():
+        m.coarse_norm.weight.uniform_(0.5, 1.5, generator=g)
+        m.coarse_norm.bias.uniform_(-0.5, 0.5, generator=g)
+
+    def layer_norm(x, norm, eps):  # over channels, by the definition
+        mean = x.mean(1, keepdim=True)
+        var = x.var(1, keepdim=True, unbiased=False)
+        w, b = norm.weight.view(1, -1, 1, 1), norm.bias.view(1, -1, 1, 1)
+        return (x - mean) / torch.sqrt(var + eps) * w + b
+
+    with torch.no_grad():
+        for x, norm in ((fine, m.fine_norm), (coarse, m.coarse_norm)):
+            want = layer_norm(x.double(), norm, 1e-5).float()
+            torch.testing.assert_close(norm(x), want, rtol=1e-4, atol=1e-4)
+            other = layer_norm(x.double(), norm, 1e-6).float()
+            assert (norm(x) - other).abs().max() > 0.05  # the test tells the two apart
+        f, c = m.embed(fine, coarse)
+        proj = F.conv2d(
+            layer_norm(coarse.double(), m.coarse_norm, 1e-5).float(), m.coarse_proj.weight
+        )
+        torch.testing.assert_close(c, F.normalize(proj, dim=1), rtol=1e-4, atol=1e-4)
 
 
 def test_output_sums_to_one_and_masked_candidates_are_zero_at_corners():
@@ -129,8 +160,11 @@ def _assignments(b: int, h: int, w: int, seed: int = 0) -> list[torch.Tensor]:
 def test_decode_masks_shapes(levels):
     assignments = _assignments(2, 3, 5)[3 - levels :]  # the modules sit at the deepest levels
     masks = torch.randn(2, 4, 7, 3, 5)  # e.g. 4 prediction sets x 7 queries
+    # By default only the L levels that have a module: stride 32 / 2**L (the authors' decoding)
     out = decode_masks(masks, assignments)
-    assert out.shape == (2, 4, 7, 24, 40)
+    assert out.shape == (2, 4, 7, 3 << levels, 5 << levels)
+    # levels_total=3 (the per-pixel HC models): bilinear on to stride 4
+    assert decode_masks(masks, assignments, levels_total=3).shape == (2, 4, 7, 24, 40)
 
 
 def test_decode_masks_levels_follow_the_deepest_modules():
@@ -140,14 +174,16 @@ def test_decode_masks_levels_follow_the_deepest_modules():
     def up(t):
         return F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)
 
-    # L = 1: the 16 -> 32 module decodes 32 -> 16, then two bilinear steps
-    expected = up(up(reference.decode(masks, assignments[2])))
-    torch.testing.assert_close(decode_masks(masks, assignments[2:]), expected)
-    # L = 2: eq. (5) for 32 -> 16 and 16 -> 8, bilinear 8 -> 4
-    expected = up(reference.decode(reference.decode(masks, assignments[2]), assignments[1]))
-    torch.testing.assert_close(decode_masks(masks, assignments[1:]), expected)
-    # L = 0: bilinear all the way
-    torch.testing.assert_close(decode_masks(masks, []), up(up(up(masks))))
+    # By default eq. (5) only: L = 1 is the 16 -> 32 module decoding 32 -> 16, and so on
+    once = reference.decode(masks, assignments[2])
+    twice = reference.decode(once, assignments[1])
+    torch.testing.assert_close(decode_masks(masks, assignments[2:]), once)
+    torch.testing.assert_close(decode_masks(masks, assignments[1:]), twice)
+    assert decode_masks(masks, []) is masks  # L = 0: nothing to decode
+    # levels_total=3: the levels without a module are 2x bilinear (32 -> 16 -> 8 -> 4)
+    torch.testing.assert_close(decode_masks(masks, assignments[2:], 3), up(up(once)))
+    torch.testing.assert_close(decode_masks(masks, assignments[1:], 3), up(twice))
+    torch.testing.assert_close(decode_masks(masks, [], 3), up(up(up(masks))))
 
 
 def test_decode_masks_full_hierarchy_with_one_hot_assignments_copies_the_cluster_value():
@@ -165,7 +201,9 @@ def test_decode_masks_full_hierarchy_with_one_hot_assignments_copies_the_cluster
     torch.testing.assert_close(out, expected.view(2, 6, 24, 32))
 
 
-def _reference_decode_masks(masks, assignments, levels_total=3):
+def _reference_decode_masks(masks, assignments, levels_total=None):
+    if levels_total is None:
+        levels_total = len(assignments)
     x = masks
     for step in range(levels_total):
         if step < len(assignments):
@@ -175,16 +213,19 @@ def _reference_decode_masks(masks, assignments, levels_total=3):
     return x
 
 
+@pytest.mark.parametrize("levels_total", [None, 3])
 @pytest.mark.parametrize("levels", [1, 3])
 @pytest.mark.parametrize("channels", [3, 40])  # fewer channels than the 12 cells, and more
-def test_decode_masks_matches_the_level_by_level_reference_with_gradients(levels, channels):
+def test_decode_masks_matches_the_level_by_level_reference_with_gradients(
+    levels, channels, levels_total
+):
     # 40 channels over a 3 x 4 coarse map take the one-hot-basis path of decode_masks, 3 the
     # level-by-level one: both must give eq. (5) applied level by level, and its gradients
     assert BASIS_DECODE_MAX_CELLS >= 3 * 4
     assignments = [a.requires_grad_() for a in _assignments(2, 3, 4, seed=5)[3 - levels :]]
     masks = torch.randn(2, channels, 3, 4, requires_grad=True)
-    out = decode_masks(masks, assignments)
-    want = _reference_decode_masks(masks, assignments)
+    out = decode_masks(masks, assignments, levels_total)
+    want = _reference_decode_masks(masks, assignments, levels_total)
     torch.testing.assert_close(out, want)
     grad = torch.randn_like(want)
     got_grads = torch.autograd.grad(out, [masks, *assignments], grad)
@@ -206,6 +247,8 @@ def test_decode_masks_rejects_mismatched_assignments():
     with pytest.raises(ValueError, match=r"needs an assignment \[1, 9, 4, 6\]"):
         decode_masks(torch.randn(1, 2, 2, 3), assignments[:2])  # missing the deepest module
     with pytest.raises(ValueError, match="4 assignments given but only 3 levels"):
+        decode_masks(torch.randn(1, 2, 2, 3), assignments + assignments[:1], levels_total=3)
+    with pytest.raises(ValueError, match=r"decoding step 0 needs an assignment \[1, 9, 4, 6\]"):
         decode_masks(torch.randn(1, 2, 2, 3), assignments + assignments[:1])
     with pytest.raises(ValueError, match=r"expected masks \[B, \.\.\., h, w\]"):
         decode_masks(torch.randn(2, 3), assignments)

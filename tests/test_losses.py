@@ -386,3 +386,49 @@ def test_factorised_masks_without_targets_and_mixed_sets():
     mixed = dict(fact, aux_outputs=full["aux_outputs"])
     with pytest.raises(ValueError, match="either pred_masks or mask_coefficients"):
         make_criterion()(mixed, none, generators=gens(2))
+
+
+def test_mask_loss_of_coarse_logits_is_grid_sample_on_them():
+    """HCFormer at L < 3 hands the loss its masks at stride 32 / 2**L (here 16: 4 x 4 logits of
+    a 64 x 64 image), as the authors' code: the BCE and dice are those of ``grid_sample`` of the
+    coarse logits (align_corners=False) at the drawn normalised points, against the
+    full-resolution targets sampled at the same points; nothing is upsampled first."""
+    g = torch.Generator().manual_seed(7)
+    q, n, p = 3, 2, 96
+    coarse = torch.randn(1, q, 4, 4, generator=g) * 3
+    masks = torch.zeros(n, 64, 64, dtype=torch.bool)
+    masks[0, 5:40, 10:50] = True
+    masks[1, 30:, :23] = True
+    target = {"labels": torch.tensor([0, 1]), "masks": masks}
+    logits = torch.randn(1, q, 3, generator=g)
+    crit = make_criterion(
+        num_classes=2, num_points=p, oversample_ratio=2.0, importance_sample_ratio=0.5
+    )
+    pred = {"pred_logits": logits, "pred_masks": coarse, "cluster_scales": []}
+    got = crit(pred, [target], generators=gens(1, seed=11))
+
+    # The reference draws from the image's generator in the documented order: the matcher's
+    # p uniform points, then per matched mask 2p candidates and the p / 2 uniform extras.
+    gen = gens(1, seed=11)[0]
+    ((rows, cols),) = crit.matcher(logits, coarse, [target], [gen])
+    candidates = torch.rand(n, 2 * p, 2, generator=gen)
+    extra = torch.rand(n, p // 2, 2, generator=gen)
+    src = coarse[0, rows][:, None]  # [n, 1, 4, 4]: the matched queries' coarse logits
+
+    def sample(maps, points):  # [N, 1, H, W], [N, P, 2] in [0, 1] -> [N, P]
+        grid = (2 * points - 1)[:, :, None]
+        return F.grid_sample(maps, grid, align_corners=False)[:, 0, :, 0]
+
+    uncertain = -sample(src, candidates).abs()
+    top = uncertain.topk(p // 2, dim=1).indices
+    points = torch.cat([candidates.gather(1, top[..., None].expand(-1, -1, 2)), extra], 1)
+    x = sample(src, points)
+    t = sample(masks[cols][:, None].float(), points)
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum() / n
+    dice = (1 - (2 * (x.sigmoid() * t).sum(1) + 1) / (x.sigmoid().sum(1) + t.sum(1) + 1)).sum()
+    assert float(got["loss_mask"]) == pytest.approx(5 * float(bce), rel=1e-5)
+    assert float(got["loss_dice"]) == pytest.approx(5 * float(dice) / n, rel=1e-5)
+    # Upsampling the logits to stride 4 first (the former decoding) is a different loss.
+    up = F.interpolate(coarse, scale_factor=4, mode="bilinear", align_corners=False)
+    other = crit({**pred, "pred_masks": up}, [target], generators=gens(1, seed=11))
+    assert abs(float(other["loss_mask"]) - float(got["loss_mask"])) > 1e-3

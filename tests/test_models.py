@@ -22,6 +22,7 @@ from hcformer.models.transformer_decoder import (
     StandardDecoder,
     attention_mask,
 )
+from hcformer.ops import reference
 
 torch.set_num_threads(1)
 
@@ -260,10 +261,67 @@ def test_every_set_is_decoded_like_the_final_one(factorised, monkeypatch):
 def test_every_hierarchy_level(level):
     model = tiny_model(backbone={"hierarchy_level": level}).train()
     out = model(images(1, 64, 64))
-    assert set_masks(out).shape == (1, 8, 16, 16)
+    # Masks at stride 32 / 2**L: decoded through the L modules only, as the authors' code.
+    side = 2 << level
+    assert set_masks(out).shape == (1, 8, side, side)
+    assert all(set_masks(aux).shape == (1, 8, side, side) for aux in out["aux_outputs"])
     assert len(out["assignments"]) == len(out["cluster_scales"]) == level
     # The modules sit at the last `level` downsamplings: the coarsest is 16 -> 32 (2x2 here).
     assert [a.shape[-1] for a in out["assignments"]] == [16, 8, 4][3 - level :]
+    with torch.no_grad():
+        assert model.eval()(images(1, 64, 64))["pred_masks"].shape == (1, 8, side, side)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+@pytest.mark.parametrize("factorised", [True, False])
+@torch.no_grad()
+def test_levels_decode_eq5_only_and_training_sets_equal_eval(level, factorised, monkeypatch):
+    """At every level the masks are eq. (5) through the L modules present, nothing more (no
+    bilinear steps: stride 32 / 2**L); the factorised training sets (tiny scale) equal the
+    dense ones and the eval output."""
+    monkeypatch.setattr(HCFormer, "factorised_training_masks", factorised)
+    model = tiny_model(backbone={"hierarchy_level": level})
+    captured = {}
+    model.decoder.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    x = images(2, 64, 96)
+    out = model.train()(x)
+    masks32 = captured["out"][1]  # [S, B, Q, 2, 3]
+    # The factorised form needs a module to decode through (L = 0: the masks are the output).
+    assert ("mask_basis" in out) == (factorised and level > 0)
+    for i, s in enumerate([*out["aux_outputs"], out]):
+        want = masks32[i]
+        for a in reversed(out["assignments"]):  # deepest module first
+            want = reference.decode(want, a)
+        assert want.shape[-2:] == (2 << level, 3 << level)
+        torch.testing.assert_close(set_masks(s), want, rtol=1e-5, atol=1e-5)
+    ev = model.eval()(x)
+    torch.testing.assert_close(ev["pred_masks"], set_masks(out), rtol=1e-5, atol=1e-5)
+    if level == 0:
+        assert torch.equal(ev["pred_masks"], captured["out"][1][-1])
+
+
+@torch.no_grad()
+def test_level3_output_is_the_old_stride4_decoding_bit_for_bit():
+    """L = 3 is unchanged by decoding only through the modules present: the output is exactly
+    the former full decoding to stride 4 (levels_total=3), in eval and in training."""
+    model = tiny_model()
+    captured = {}
+    model.decoder.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    x = images(2, 64, 96)
+    ev = model.eval()(x)
+    old = decode_masks(captured["out"][1][-1], ev["assignments"], levels_total=3)
+    assert ev["pred_masks"].shape == (2, 8, 16, 24)
+    assert torch.equal(ev["pred_masks"], old)
+    tr = model.train()(x)
+    basis = clustering.decode_basis(tr["assignments"], (2, 3), 3, batch_size=2)
+    assert torch.equal(tr["mask_basis"], basis)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(HCFormer, "factorised_training_masks", False)
+        dense = model(x)
+    stacked = captured["out"][1].transpose(0, 1)
+    old_sets = decode_masks(stacked, dense["assignments"], levels_total=3).unbind(1)
+    for s, old_set in zip([*dense["aux_outputs"], dense], old_sets, strict=True):
+        assert torch.equal(s["pred_masks"], old_set)
 
 
 def test_hcformer_plus_and_standard_decoder_variants():

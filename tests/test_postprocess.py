@@ -123,3 +123,42 @@ def test_resize_crop_and_upsample():
     assert torch.equal(same, x[0, :, :6, :5])
     out = resize_to_original(x[0], (6, 5), (12, 10))
     assert out.shape == (2, 12, 10)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+@torch.no_grad()
+def test_masks_below_level3_are_resized_once_to_the_padded_input(level):
+    """HCFormer at L < 3 outputs its masks at stride 32 / 2**L; inference resizes them ONCE
+    (bilinear, align_corners=False) to the padded input, as the authors' inference does, not
+    through 2x steps to stride 4 and then x4."""
+    import torch.nn.functional as F
+
+    from hcformer.config import build_config
+    from hcformer.models import build_model
+    from hcformer.ops import reference
+
+    backbone = {"name": "resnet50", "depths": [1, 1, 1, 1], "widths": [8, 16, 32, 64],
+                "stem_width": 8, "cluster_dim": 16, "hierarchy_level": level}  # fmt: skip
+    head = {"hidden_dim": 32, "nheads": 4, "dim_feedforward": 64, "mask_dim": 32, "queries": 6,
+            "decoder_layers": 1}  # fmt: skip
+    cfg = build_config({"model": {"backbone": backbone, "head": head, "num_classes": 3}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    captured = {}
+    model.decoder.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    padded = (64, 96)
+    x = torch.rand(1, 3, *padded, generator=torch.Generator().manual_seed(1)) * 255
+    out = model(x)
+    coarse = captured["out"][1][-1]
+    for a in reversed(out["assignments"]):
+        coarse = reference.decode(coarse, a)
+    stride = 32 >> level
+    assert out["pred_masks"].shape[-2:] == (padded[0] // stride, padded[1] // stride)
+    got = upsample_to_input(out["pred_masks"], padded)
+    want = F.interpolate(coarse, size=padded, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    steps = coarse
+    for _ in range(3 - level):
+        steps = F.interpolate(steps, scale_factor=2.0, mode="bilinear", align_corners=False)
+    former = F.interpolate(steps, scale_factor=4.0, mode="bilinear", align_corners=False)
+    assert (former - got).abs().max() > 1e-3  # the two resizings differ

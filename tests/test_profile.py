@@ -241,6 +241,21 @@ def test_profile_cli_tiny_table5_writes_documented_json(tmp_path: Path):
     assert rows[3]["gflops_by_op"]["torchvision.deform_conv2d"] > 0
 
 
+@pytest.mark.parametrize("level", [0, 1])
+def test_levels_below_3_count_one_bilinear_resize_of_the_masks(level: int):
+    """Below L = 3 the masks stay at stride 32 / 2**L and are resized once to the padded input,
+    as the authors' inference: fvcore's 4 flops per output element of that one resize, and no
+    other bilinear upsampling (no 2x steps down to stride 4)."""
+    cfg = resolve(f"coco_panoptic/hcformer-r50-L{level}-D8-Q100", "tiny")
+    result = P.count_flops(cfg)
+    ((h, w),) = {tuple(s["padded"]) for s in result["inputs"]}
+    assert [s["resized"] for s in result["inputs"]] == [s["original"] for s in result["inputs"]]
+    queries = cfg.model.head.queries
+    assert result["gflops_by_op"]["aten.upsample_bilinear2d"] * 1e9 == pytest.approx(
+        4 * queries * h * w, rel=1e-9
+    )
+
+
 def _tiny_size(experiment: str) -> list[int]:
     from hcformer.experiments import resolve
 

@@ -1,7 +1,7 @@
 """FLOPs counted the way the paper counts them, without computing anything.
 
-The paper reports fvcore's count (implementation-notes.md, "How the paper counts parameters and
-FLOPs"), as detectron2's ``analyze_model`` runs it: one multiply-add = ONE flop; element-wise
+The paper reports fvcore's count, as the authors' ``tools/analyze_model.py`` (detectron2's
+``FlopCountAnalysis``) runs it: one multiply-add = ONE flop; element-wise
 ops (add, mul, softmax, sigmoid, batch norm, ...) are ignored; besides matmuls and convolutions
 fvcore counts layer/group norm (5 flops per element with an affine, else 4), bilinear upsampling
 (4 per output element), nearest upsampling (1), adaptive average pooling (1 per input element)

@@ -1,13 +1,14 @@
 """``hcformer profile``: parameters, GFLOPs and latency of a paper table's rows, beside the paper's.
 
-Counted as the paper counts (implementation-notes.md, "How the paper counts parameters and
-FLOPs"; :mod:`hcformer.analysis.flops`):
+Counted as the paper counts (the authors' ``tools/analyze_model.py``;
+:mod:`hcformer.analysis.flops`):
 
 - ``params_m``: every parameter of the model, trainable and frozen, in millions (BatchNorm
   statistics are buffers, not parameters);
 - ``gflops``: fvcore's convention (one multiply-add = one flop, element-wise ops ignored), model
-  in eval mode, batch 1, post-processing included: the final masks decoded to stride 4 (inside
-  the model), upsampled x4 to the padded input, cropped and resized to the original image, and
+  in eval mode, batch 1, post-processing included: the final masks decoded through the L
+  clustering modules to stride 32 / 2**L (inside the model), resized once to the padded input,
+  cropped and resized to the original image, and
   the semantic einsum of class and mask probabilities (semantic and panoptic tasks: Mask2Former's
   COCO panoptic config also produces the semantic view); instance inference adds only
   element-wise work. Inputs (:func:`profile_inputs`): COCO: the 100 val image sizes of

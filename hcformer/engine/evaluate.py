@@ -3,9 +3,10 @@
 Loads ``model_final.pt``, runs the model on the validation split (test-time resize of the config,
 padded to a multiple of 32 with the pixel mean, i.e. 0 once normalised; no test-time
 augmentation), post-processes the final prediction as MaskFormer
-(:mod:`hcformer.models.postprocess`: stride 4 -> x4 bilinear to the padded input -> crop ->
-resize to the original image), writes the predictions under ``DIR/predictions`` in the
-official formats and scores them with :mod:`hcformer.evaluation`. Metrics, in percent
+(:mod:`hcformer.models.postprocess`: the masks at the model's output stride (HCFormer:
+32 / 2**L) -> one bilinear resize to the padded input -> crop -> resize to the original
+image), writes the predictions under ``DIR/predictions`` in the official formats and scores
+them with :mod:`hcformer.evaluation`. Metrics, in percent
 (DESIGN.md "Conventions"):
 
 - coco_panoptic: ``pq pq_th pq_st`` (+ ``sq rq``), ``ap_th_pan`` (COCO mask AP of the thing

@@ -1,16 +1,19 @@
 """The training loss of HCFormer (Sec. 4.1) and of the per-pixel baselines (App. E.1).
 
-Mask classification (HCFormer, HCFormer+, MaskFormer), as Mask2Former (implementation-notes.md
-"Loss"): every prediction set (the final one and, with deep supervision, each earlier decoder
-layer's, equally weighted) is matched to the targets with :class:`HungarianMatcher`; then
+Mask classification (HCFormer, HCFormer+, MaskFormer), as Mask2Former's criterion, which the
+authors' code uses: every prediction set (the final one and, with deep supervision, each earlier
+decoder layer's, equally weighted) is matched to the targets with :class:`HungarianMatcher`; then
 
 - class: cross-entropy over K+1 classes, "no object" weighted ``no_object_weight`` (0.1), as a
   weighted mean over all queries (weight 2.0);
 - mask: binary cross-entropy (5.0) and dice (5.0) of the matched masks on importance-sampled
-  points of the stride-4 logits, summed over masks and divided by the number of target masks;
+  points of the predicted logits at the stride the model outputs them (HCFormer: 32 / 2**L, as
+  the authors' loss reads the masks decoded through the L clustering modules; MaskFormer: 4),
+  the targets sampled at the same normalised points of the full-resolution masks, summed over
+  masks and divided by the number of target masks;
 - the regulariser ``reg_weight * |sum_i s(i)|`` on the clustering modules' scales, added once.
   The paper writes L_reg = sum_i |s(i)|; the authors' code takes the absolute value of the sum
-  (implementation-notes.md): we follow the code. The two agree while every s(i) is positive.
+  of the modules' scales: we follow the code. The two agree while every s(i) is positive.
 
 Per-pixel models: cross-entropy (ignore 255) of ``sem_logits`` bilinearly upsampled to the label
 size, averaged over labelled pixels, plus the same regulariser.

@@ -1,9 +1,9 @@
 """Hungarian matching between predicted masks and ground-truth segments (Sec. 4.1).
 
-As Mask2Former (implementation-notes.md "Loss"): for each image the cost of assigning query q
-to target n is ``class_weight * (-p_q(c_n)) + mask_weight * BCE + dice_weight * dice``, with BCE
-and dice evaluated on ``num_points`` uniform points shared by all queries and targets of the
-image; the assignment minimising the total cost comes from
+As Mask2Former's matcher, which the authors' code uses: for each image the cost of assigning
+query q to target n is ``class_weight * (-p_q(c_n)) + mask_weight * BCE + dice_weight * dice``,
+with BCE and dice evaluated on ``num_points`` uniform points shared by all queries and targets of
+the image; the assignment minimising the total cost comes from
 ``scipy.optimize.linear_sum_assignment``.
 """
 
@@ -70,7 +70,8 @@ class HungarianMatcher(nn.Module):
 
         Arguments:
           pred_logits: ``[Q, K+1]`` class logits (the last class is "no object").
-          pred_masks: ``[Q, h, w]`` mask logits (stride 4).
+          pred_masks: ``[Q, h, w]`` mask logits at the model's output stride (any size: they
+            and the targets are sampled at the same normalised points).
           labels: ``[N]`` target classes.
           masks: ``[N, H, W]`` target masks (full resolution; sampled at the same points).
           generator: the source of the shared uniform points.

@@ -1,10 +1,12 @@
 """Point sampling of mask logits (PointRend, as Mask2Former uses it for matching and the loss).
 
 Losses and matching costs are computed on a set of points instead of every pixel (Sec. 4.1;
-implementation-notes.md "Loss"): the matcher uses ``num_points`` uniform points shared by all
-queries and targets of an image; the loss uses importance sampling: ``oversample_ratio *
-num_points`` uniform candidates, of which the ``importance_sample_ratio`` most uncertain
-(uncertainty = -|logit|) are kept, plus uniform points for the rest.
+Mask2Former's point sampling, which the authors' code uses): the matcher uses ``num_points``
+uniform points shared by all queries and targets of an image; the loss uses importance
+sampling: ``oversample_ratio * num_points`` uniform candidates, of which the
+``importance_sample_ratio`` most uncertain (uncertainty = -|logit|) are kept, plus uniform
+points for the rest. Points are normalised coordinates, so predictions at any stride are
+sampled where the full-resolution targets are.
 
 Every draw takes an explicit ``torch.Generator`` so that the engine can key it by
 (seed, iteration, global sample index): see :mod:`hcformer.engine.randomness`.

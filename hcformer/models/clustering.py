@@ -38,9 +38,10 @@ class ClusteringModule(nn.Module):
           scale_init: initial value of s(i) (0.1 in the paper).
         """
         super().__init__()
-        # eps 1e-6: the channels-first LayerNorm of detectron2, which the authors' code builds on.
-        self.fine_norm = LayerNorm2d(fine_channels, eps=1e-6)
-        self.coarse_norm = LayerNorm2d(coarse_channels, eps=1e-6)
+        # nn.LayerNorm over the channels of each pixel with its default eps 1e-5, as the
+        # authors' clustering module (they transpose to channels-last around nn.LayerNorm).
+        self.fine_norm = LayerNorm2d(fine_channels, eps=1e-5)
+        self.coarse_norm = LayerNorm2d(coarse_channels, eps=1e-5)
         self.fine_proj = nn.Conv2d(fine_channels, cluster_dim, kernel_size=1, bias=False)
         self.coarse_proj = nn.Conv2d(coarse_channels, cluster_dim, kernel_size=1, bias=False)
         nn.init.xavier_normal_(self.fine_proj.weight)
@@ -60,15 +61,18 @@ class ClusteringModule(nn.Module):
 
 
 def decode_masks(
-    masks: torch.Tensor, assignments: Sequence[torch.Tensor], levels_total: int = 3
+    masks: torch.Tensor, assignments: Sequence[torch.Tensor], levels_total: int | None = None
 ) -> torch.Tensor:
     """Decode mask logits from the coarsest map level by level (eq. 5, Sec. 2.3).
 
     The clustering modules sit at the LAST L = len(assignments) downsamplings of the backbone (the
     deepest ones: the authors' ``hierarchy_level = L`` keeps the last L; L = 1 is the 16 -> 32
     downsampling only). Decoding runs coarsest first, so the first L upsamplings (32 -> 16, ...)
-    use eq. (5) with the assignments, deepest first, and the remaining ``levels_total - L`` are
-    2x bilinear (align_corners=False).
+    use eq. (5) with the assignments, deepest first. By default that is all: the result is at
+    stride 32 / 2**L, as the authors' HCFormer decodes (eq. 5 for the modules present, nothing
+    else; their inference then resizes once to the input). With ``levels_total`` > L the
+    remaining ``levels_total - L`` steps are 2x bilinear (align_corners=False): the per-pixel HC
+    models decode to stride 4 with ``levels_total = 3``.
 
     Arguments:
       masks: [B, ..., h, w] mask logits at the coarsest level (stride 32); any number of middle
@@ -76,10 +80,12 @@ def decode_masks(
         channel is decoded with the same neighbour weights in one call per level.
       assignments: soft assignments fine to coarse, each [B, 9, H_i, W_i] (e.g. strides 4->8,
         8->16, 16->32); the last one must be at twice the resolution of ``masks``.
-      levels_total: number of 2x upsamplings in all (3: stride 32 -> stride 4).
+      levels_total: number of 2x upsamplings in all (3: stride 32 -> stride 4); None (the
+        default): L, one per assignment.
 
     Returns:
       [B, ..., h * 2**levels_total, w * 2**levels_total], in the memory format of ``masks``
+      (``masks`` itself when there is nothing to decode)
       (``ops.decode`` and bilinear upsampling both keep it).
 
     Small coarse maps (at most ``BASIS_DECODE_MAX_CELLS`` cells, fewer than the channels, as the
@@ -89,6 +95,8 @@ def decode_masks(
     if masks.dim() < 3:
         raise ValueError(f"decode_masks: expected masks [B, ..., h, w], got {tuple(masks.shape)}")
     n_modules = len(assignments)
+    if levels_total is None:
+        levels_total = n_modules
     if n_modules > levels_total:
         raise ValueError(
             f"decode_masks: {n_modules} assignments given but only {levels_total} levels to decode"
@@ -105,6 +113,8 @@ def decode_masks(
                 f"{size[1]}], got {tuple(assignment.shape)} (assignments fine to coarse: "
                 f"{[tuple(a.shape) for a in assignments]}, masks {tuple(masks.shape)})"
             )
+    if levels_total == 0:
+        return masks
     if uses_basis((h, w), x.shape[1]) and x.is_contiguous():
         # Eq. (5) is linear in the masks and the same for every channel: decode the one-hot
         # map of each coarse cell (h * w channels) and combine the channels with one batched
@@ -129,7 +139,7 @@ def uses_basis(coarse_size: tuple[int, int], channels: int) -> bool:
 def decode_basis(
     assignments: Sequence[torch.Tensor],
     coarse_size: tuple[int, int],
-    levels_total: int = 3,
+    levels_total: int | None = None,
     *,
     batch_size: int,
     dtype: torch.dtype = torch.float32,
@@ -143,6 +153,8 @@ def decode_basis(
     :func:`decode_masks` (the deepest assignment at twice ``coarse_size``).
     """
     h, w = coarse_size
+    if levels_total is None:
+        levels_total = len(assignments)
     eye = torch.eye(h * w, dtype=dtype, device=device).expand(batch_size, h * w, h * w)
     return _decode_levels(eye.reshape(batch_size, h * w, h, w), assignments, levels_total)
 

@@ -3,12 +3,13 @@
 The backbone clusters pixels hierarchically while it downsamples (eq. 3); the head sees only
 the stride-32 features: ``input_proj`` makes the decoder's memory and a separate ``mask_proj``
 the mask features, the decoder predicts classes and stride-32 masks (eq. 4), and the masks are
-decoded level by level back to stride 4 with the soft assignments (eq. 5; 2x bilinear at the
-levels without a clustering module). In training every prediction set is decoded (deep
-supervision, decoded before the loss as the authors do); in eval only the final one. When the
-stride-32 map is small (tiny scale) the training sets are handed to the loss as coefficients
-over the decoded one-hot maps of the coarse cells: the same logits, never materialised for
-every query.
+decoded level by level with the soft assignments of the L clustering modules (eq. 5), to stride
+32 / 2**L (stride 4 at L = 3; the authors' code decodes only through the modules present and
+leaves the masks at that stride: the loss point-samples them there and inference resizes them
+once to the padded input). In training every prediction set is decoded (deep supervision,
+decoded before the loss as the authors do); in eval only the final one. When the stride-32 map
+is small (tiny scale) the training sets are handed to the loss as coefficients over the decoded
+one-hot maps of the coarse cells: the same logits, never materialised for every query.
 
 HCFormer+ adds a DETR encoder on the stride-32 map, inside ``backbone`` (see ``encoder.py``).
 """
@@ -46,7 +47,9 @@ class HCFormer(nn.Module):
         backbone's, trained at the backbone's learning rate, as in the authors' code).
       hidden_dim: width of the decoder's memory (256).
       mask_dim: width of the mask features (256).
-      levels_total: downsamplings from stride 4 to 32 that the masks are decoded through (3).
+
+    The masks are decoded through every clustering module of ``backbone`` and no further:
+    ``pred_masks`` is at stride ``32 / 2**L`` for the backbone's L clustering modules.
     """
 
     # Training outputs of small coarse maps as coefficients over a basis (``_training_sets``);
@@ -61,7 +64,6 @@ class HCFormer(nn.Module):
         encoder: TransformerEncoder | None = None,
         hidden_dim: int = 256,
         mask_dim: int = 256,
-        levels_total: int = 3,
     ) -> None:
         super().__init__()
         if encoder is not None:
@@ -79,7 +81,6 @@ class HCFormer(nn.Module):
         _c2_xavier_fill(self.mask_proj)
         self.pe_layer = PositionEmbeddingSine(num_pos_feats=hidden_dim // 2, normalize=True)
         self.decoder = decoder
-        self.levels_total = levels_total
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
 
@@ -87,10 +88,11 @@ class HCFormer(nn.Module):
         """``images`` float [B, 3, H, W] RGB in 0..255, H and W multiples of 32.
 
         Returns the dict of docs/interfaces.md: ``pred_logits`` [B, Q, K+1], ``pred_masks``
-        [B, Q, H/4, W/4], ``aux_outputs`` (training: the earlier prediction sets, held the
-        same way; eval: ``[]``), ``assignments`` (fine to coarse) and ``cluster_scales``. In
-        training with a small coarse map the sets hold ``mask_coefficients`` and
-        ``mask_basis`` instead of ``pred_masks`` (``_training_sets``).
+        [B, Q, H/s, W/s] at the stride s = 32 / 2**L of the L clustering modules,
+        ``aux_outputs`` (training: the earlier prediction sets, held the same way; eval:
+        ``[]``), ``assignments`` (fine to coarse) and ``cluster_scales``. In training with
+        L >= 1 and a small coarse map the sets hold ``mask_coefficients`` and ``mask_basis``
+        instead of ``pred_masks`` (``_training_sets``).
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {list(images.shape)}")
@@ -114,7 +116,7 @@ class HCFormer(nn.Module):
         else:
             final = {
                 "pred_logits": logits[-1],
-                "pred_masks": decode_masks(masks[-1], assignments, levels_total=self.levels_total),
+                "pred_masks": decode_masks(masks[-1], assignments),
             }
             aux = []
         return {
@@ -128,19 +130,20 @@ class HCFormer(nn.Module):
         self, logits: torch.Tensor, masks: torch.Tensor, assignments: list[torch.Tensor]
     ) -> list[dict]:
         """Every prediction set ``{"pred_logits", "pred_masks"}`` (decoded as in eval), or for a
-        small coarse map ``{"pred_logits", "mask_coefficients", "mask_basis"}``: the same
-        stride-4 logits held as the coarse logits [B, Q, h w] over the decoded one-hot maps of
+        small coarse map and L >= 1 ``{"pred_logits", "mask_coefficients", "mask_basis"}``: the
+        same decoded logits held as the coarse logits [B, Q, h w] over the decoded one-hot maps of
         the cells [B, h w, H, W] (eq. 5 is linear), so that the loss, which reads the masks at
         a few points, never needs every query's full map (:func:`set_masks` makes them)."""
         stacked = masks.transpose(0, 1)  # [B, S, Q, h, w]
         coarse_size = tuple(stacked.shape[-2:])
-        if self.factorised_training_masks and uses_basis(
-            coarse_size, stacked.shape[1] * stacked.shape[2]
+        if (
+            self.factorised_training_masks
+            and assignments  # L = 0: the stride-32 masks are the output, nothing to decode
+            and uses_basis(coarse_size, stacked.shape[1] * stacked.shape[2])
         ):
             basis = decode_basis(
                 assignments,
                 coarse_size,
-                self.levels_total,
                 batch_size=stacked.shape[0],
                 dtype=masks.dtype,
                 device=masks.device,
@@ -156,13 +159,14 @@ class HCFormer(nn.Module):
             ]
         # All prediction sets in one call: the neighbour weights of each level are computed
         # once for the whole stack.
-        decoded = decode_masks(stacked, assignments, levels_total=self.levels_total).unbind(1)
+        decoded = decode_masks(stacked, assignments).unbind(1)
         return [{"pred_logits": logits[i], "pred_masks": decoded[i]} for i in range(len(logits))]
 
 
 def set_masks(prediction: dict) -> torch.Tensor:
-    """The stride-4 mask logits [B, Q, H, W] of one prediction set of :class:`HCFormer`:
-    ``pred_masks``, or ``mask_coefficients`` [B, Q, C] over ``mask_basis`` [B, C, H, W]."""
+    """The decoded mask logits [B, Q, H, W] (stride 32 / 2**L) of one prediction set of
+    :class:`HCFormer`: ``pred_masks``, or ``mask_coefficients`` [B, Q, C] over ``mask_basis``
+    [B, C, H, W]."""
     if "pred_masks" in prediction:
         return prediction["pred_masks"]
     return masks_from_basis(prediction["mask_coefficients"], prediction["mask_basis"])

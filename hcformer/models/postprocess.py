@@ -1,8 +1,9 @@
 """Inference of semantic, panoptic and instance outputs from mask classification (App. A).
 
-As MaskFormer / Mask2Former (implementation-notes.md "Inference"): only the final prediction is
-decoded to stride 4; its masks are bilinearly upsampled x4 (``align_corners=False``) to the
-padded input, cropped to the image, and resized to the original size
+As MaskFormer / Mask2Former and the authors' HCFormer: only the final prediction is decoded
+(HCFormer: through its L clustering modules, to stride 32 / 2**L); its masks are resized ONCE,
+bilinearly (``align_corners=False``), from that stride to the padded input
+(:func:`upsample_to_input`), cropped to the image, and resized to the original size
 (:func:`resize_to_original`); then
 
 - semantic: ``einsum("qc,qhw->chw", softmax(class)[..., :-1], sigmoid(mask))``;
@@ -25,7 +26,8 @@ from torch import Tensor
 
 
 def upsample_to_input(masks: Tensor, padded_size: tuple[int, int]) -> Tensor:
-    """Stride-4 logits ``[B, Q, h, w]`` -> ``[B, Q, H, W]`` at the padded input size (bilinear)."""
+    """Mask logits ``[B, Q, h, w]`` at any stride -> ``[B, Q, H, W]`` at the padded input size,
+    in one bilinear resize (``align_corners=False``)."""
     return F.interpolate(masks, size=padded_size, mode="bilinear", align_corners=False)
 
 
