@@ -345,3 +345,52 @@ def test_half_precision_logits_do_not_overflow_at_tiny_scale(impl):
     assert clear.sum() >= 12
     assert torch.equal(a.argmax(1)[clear], soft.argmax(1)[clear])
     assert a.max(1).values[clear].min() > 0.99
+
+
+def test_use_backend_validates_and_restores():
+    with (
+        pytest.raises(ValueError, match=r"use_backend: expected one of .*got 'cuda'"),
+        fast.use_backend("cuda"),
+    ):
+        pass
+    with fast.use_backend("torch"):
+        assert fast._backend == "torch"
+    assert fast._backend == "auto"
+
+
+def test_cpu_tensors_take_the_batched_products_by_default(monkeypatch):
+    def no_kernels():
+        raise AssertionError("the Triton kernels were asked for on CPU tensors")
+
+    monkeypatch.setattr(fast, "_triton_kernels", no_kernels)
+    feat, coarse = _features(1, 3, 2, 3, seed=9)
+    x = torch.randn(1, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    coarse.requires_grad_(True)
+    out = ops.decode(x, ops.clustering(feat, coarse, torch.tensor(0.2, dtype=torch.float64)))
+    out.sum().backward()
+    assert coarse.grad is not None and x.grad is not None
+
+
+def test_ops_import_and_run_without_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch\n"
+        "from hcformer import ops\n"
+        "from hcformer.ops import fast\n"
+        "a = ops.clustering(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2), torch.tensor(0.1))\n"
+        "print(tuple(ops.decode(torch.randn(1, 3, 2, 2), a).shape))\n"
+        "try:\n"
+        "    with fast.use_backend('triton'):\n"
+        "        pass\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "(1, 3, 4, 4)",
+        "use_backend('triton'): triton is not installed",
+    ]
