@@ -372,6 +372,7 @@ def test_cpu_tensors_take_the_batched_products_by_default(monkeypatch):
 
 
 def test_ops_import_and_run_without_triton():
+    import os
     import subprocess
     import sys
 
@@ -387,10 +388,13 @@ def test_ops_import_and_run_without_triton():
         "        pass\n"
         "except RuntimeError as e:\n"
         "    print(e)\n"
+        "print(fast._backend)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "HCFORMER_OPS_BACKEND": "torch"}  # the process-wide default
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "(1, 3, 4, 4)",
         "use_backend('triton'): triton is not installed",
+        "torch",
     ]

@@ -35,7 +35,8 @@ Triton kernel (``hcformer.ops.triton_kernels``); the batched products above stay
 CPU. ``use_backend("torch" | "triton" | "auto")`` (a context manager) forces one for a block: the
 benchmark compares both on a GPU, and the tests force ``"triton"`` on CPU tensors, which then run
 in Triton's interpreter (``TRITON_INTERPRET=1`` must be set before triton is imported:
-``tests/test_ops_triton.py`` runs itself in such a subprocess). The custom ops, fake kernels and
+``tests/test_ops_triton.py`` runs itself in such a subprocess). The environment variable
+``HCFORMER_OPS_BACKEND`` (same names) sets the default outside any ``use_backend`` block. The custom ops, fake kernels and
 FLOP formulas are the same whichever backend runs.
 """
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -54,7 +56,10 @@ from hcformer.ops._checks import check_clustering_args, check_decode_args
 from hcformer.ops.reference import masked_logits
 
 BACKENDS = ("auto", "torch", "triton")
-_backend = "auto"
+# The process-wide default; HCFORMER_OPS_BACKEND=torch turns the Triton kernels off on a GPU.
+_backend = os.environ.get("HCFORMER_OPS_BACKEND", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"HCFORMER_OPS_BACKEND: expected one of {BACKENDS}, got {_backend!r}")
 
 
 @contextlib.contextmanager
