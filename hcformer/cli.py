@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hcformer.engine.train", "train one experiment into a run folder"),
     "evaluate": ("hcformer.engine.evaluate", "evaluate a run folder, write metrics.json"),
     "run": ("hcformer.launch.run", "train then evaluate one (experiment, seed) via a launcher"),
+    "campaign": ("hcformer.launch.campaign", "snakemake, after unlocking a dead campaign"),
     "sync-mlflow": ("hcformer.tracking.sync", "mirror run folders into MLflow"),
     "aggregate": ("hcformer.analysis.aggregate", "medians over seeds into a CSV"),
     "tables": ("hcformer.analysis.tables", "LaTeX tables, macros and provenance"),

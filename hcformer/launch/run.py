@@ -29,6 +29,7 @@ from typing import Any
 from hcformer.errors import ConfigError
 from hcformer.launch.runfolder import (
     METRICS_FILE,
+    RunLockedError,
     append_job,
     git_commit,
     locked,
@@ -78,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         "busy controller), with a pause doubling from --retry-backoff-s",
     )
     p.add_argument("--retry-backoff-s", type=float, default=60.0)
+    p.add_argument(
+        "--wait-locked",
+        action="store_true",
+        help="when a live process holds a run folder's lock, wait for it to end instead of "
+        "failing (the workflow's run rule: a restarted campaign meets the waiting processes of "
+        "the Snakemake that died)",
+    )
     p.add_argument(
         "--node-fail-attempts",
         type=int,
@@ -242,6 +250,7 @@ def _submit(args: argparse.Namespace, spec: Any, slurm: Any, queue: Any, commit:
         **handle.record(),
         host=socket.gethostname(),
         state="submitted",
+        state_from=("submitting",),  # a quick job may have recorded ``running`` already
         submitted=time.time(),
         git_commit=commit,
     )
@@ -262,9 +271,14 @@ def _run_submitted(
         queue = SlurmQueue.for_run_dir(run_dir, args.poll_s) if slurm is not None else None
         handle = reattach(read_job(run_dir), args.launcher, queue)
         if handle is not None:
-            update_job(run_dir, job_id=handle.job_id, host=socket.gethostname())
-            if (read_job(run_dir) or {}).get("state") == "submitting":
-                update_job(run_dir, state="submitted", submitted=time.time())
+            # The job may have recorded ``running`` (or more) since: keep that.
+            update_job(
+                run_dir,
+                job_id=handle.job_id,
+                host=socket.gethostname(),
+                state="submitted",
+                state_from=("submitting",),
+            )
             print(
                 f"hcformer run: {spec.label}: re-attached to job {handle.job_id}", file=sys.stderr
             )
@@ -347,14 +361,35 @@ def main(argv: list[str]) -> int:
     if not todo:
         return 0
     commit = git_commit()
-    with locked([Path(s.run_dir) for s in todo]) as locks:
-        for lock in locks:
-            if lock.took_over:
-                print(
-                    f"hcformer run: {lock.run_dir}: took over a stale lock of pid "
-                    f"{lock.took_over.get('pid')} on {lock.took_over.get('host')}",
-                    file=sys.stderr,
-                )
-        if args.launcher == "inline":
-            return _run_inline(todo, commit)
-        return _run_submitted(args, todo, locks, commit)
+    waiting = False
+    while True:
+        todo = [s for s in todo if not (Path(s.run_dir) / METRICS_FILE).exists()]
+        if not todo:
+            print("hcformer run: the live holder finished the runs; up to date", file=sys.stderr)
+            return 0
+        guard = locked([Path(s.run_dir) for s in todo])
+        try:
+            locks = guard.__enter__()
+        except RunLockedError as exc:
+            # A waiting process left behind by a dead Snakemake still owns the run: wait for it
+            # instead of failing (it submits nothing twice either way).
+            if not args.wait_locked:
+                raise
+            if not waiting:
+                print(f"hcformer run: {exc}; waiting for it to end", file=sys.stderr)
+                waiting = True
+            time.sleep(args.poll_s)
+            continue
+        try:
+            for lock in locks:
+                if lock.took_over:
+                    print(
+                        f"hcformer run: {lock.run_dir}: took over a stale lock of pid "
+                        f"{lock.took_over.get('pid')} on {lock.took_over.get('host')}",
+                        file=sys.stderr,
+                    )
+            if args.launcher == "inline":
+                return _run_inline(todo, commit)
+            return _run_submitted(args, todo, locks, commit)
+        finally:
+            guard.__exit__(None, None, None)

@@ -17,6 +17,7 @@ Only the standard library: the waiting process imports no torch.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -31,6 +32,7 @@ from hcformer.errors import HCFormerError
 
 JOB_FILE = "job.json"
 LOCK_FILE = ".lock"
+JOB_LOCK_FILE = ".job.lock"
 METRICS_FILE = "metrics.json"
 STALE_AFTER_S = 600.0  # a lock held from another host is stale when not refreshed for this long
 REFRESH_EVERY_S = 60.0
@@ -61,12 +63,35 @@ def read_job(run_dir: Path) -> dict[str, Any] | None:
     return read_json(Path(run_dir) / JOB_FILE)
 
 
-def update_job(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into ``job.json`` (created when absent) and return the result."""
+@contextlib.contextmanager
+def _job_lock(run_dir: Path) -> Iterator[None]:
+    """Serialise the read-modify-write of ``job.json`` between the processes and threads of
+    this host (the waiting process, the job, its heartbeat); best effort where flock fails."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / JOB_LOCK_FILE, "a") as fh:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def update_job(
+    run_dir: Path, *, state_from: tuple[str, ...] | None = None, **fields: Any
+) -> dict[str, Any]:
+    """Merge ``fields`` into ``job.json`` (created when absent) and return the result.
+
+    ``state_from``: set ``state`` only when the recorded one is among these (or absent), so
+    that the waiting process never overwrites what the job itself has recorded since."""
     path = Path(run_dir) / JOB_FILE
-    data = read_json(path) or {}
-    data.update(fields)
-    write_json_atomic(path, data)
+    with _job_lock(run_dir):
+        data = read_json(path) or {}
+        if state_from is not None and data.get("state") not in (*state_from, None):
+            fields.pop("state", None)
+        data.update(fields)
+        write_json_atomic(path, data)
     return data
 
 
@@ -74,10 +99,11 @@ def append_job(run_dir: Path, key: str, item: dict[str, Any], **fields: Any) -> 
     """Append ``item`` to the list ``key`` of ``job.json`` (e.g. one submission attempt) and
     merge ``fields``; returns the result."""
     path = Path(run_dir) / JOB_FILE
-    data = read_json(path) or {}
-    data[key] = [*data.get(key, []), item]
-    data.update(fields)
-    write_json_atomic(path, data)
+    with _job_lock(run_dir):
+        data = read_json(path) or {}
+        data[key] = [*data.get(key, []), item]
+        data.update(fields)
+        write_json_atomic(path, data)
     return data
 
 

@@ -7,6 +7,7 @@ RUN_RESOURCES = dict(
     gpus=lambda wc: int(experiment_resources(wc.exp).get("gpus", 0)),
     mem_mb=lambda wc: int(float(experiment_resources(wc.exp).get("mem_gb", 4)) * 1024),
     runtime=lambda wc: int(experiment_resources(wc.exp).get("time_min", 60)),
+    runs=1,  # `--resources runs=N`: at most N runs in flight (a cluster's submit limit)
 )
 
 
@@ -39,7 +40,7 @@ if config["batch_seeds"]:
             + RESULTS
             + " --launcher "
             + LAUNCHER
-            + " {params.tracking} {params.options} > {log} 2>&1"
+            + " --wait-locked {params.tracking} {params.options} > {log} 2>&1"
 
 else:
 
@@ -69,4 +70,4 @@ else:
             + RESULTS
             + " --launcher "
             + LAUNCHER
-            + " {params.tracking} {params.options} > {log} 2>&1"
+            + " --wait-locked {params.tracking} {params.options} > {log} 2>&1"
