@@ -155,7 +155,9 @@ class SolverConfig:
     amp: bool = True  # on GPU only
     checkpoint_every: int = 5000
     log_every: int = 20
-    eval_every: int = 0  # 0: only at the end
+    # Score the weights on the validation split every N iterations (train_log.jsonl, MLflow
+    # histories; the authors' TEST.EVAL_PERIOD); 0: only the final evaluation.
+    eval_every: int = 0
     micro_batch: int = 0  # images per forward pass of a process (0: its whole share); accumulation
     find_unused_parameters: bool = False  # DDP: set for models with parameters a step may not use
 
@@ -190,6 +192,9 @@ class TestConfig:
 @dataclass
 class TrackingConfig:
     uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else sqlite:///results/<scale>/mlflow.db
+    # Log to MLflow while training (live). Only to a tracking server or a store on a local disk:
+    # a SQLite/file store on a network file system is refused (hcformer sync-mlflow fills
+    # MLflow from the run folders instead).
     enabled: bool = True
 
 

@@ -45,6 +45,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,19 @@ class Evaluator:
         self.iterations = self.cfg.solver.iterations  # model_final.pt exists once all are done
         return model.to(self.device).eval()
 
-    def run(self) -> dict[str, Any]:
+    def run(
+        self,
+        model: Any = None,
+        *,
+        out_dir: Path | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> dict[str, Any] | None:
+        """Score ``model_final.pt``: predictions under ``predictions/``, ``metrics.json``.
+
+        With ``model`` (periodic validation during training; set :attr:`iterations` first):
+        that model as it is, predictions and ``scores.json`` under ``out_dir``, no visuals, no
+        ``metrics.json``; returns None as soon as ``stop()`` is true (checked between batches).
+        """
         import torch
 
         from hcformer.data import build_dataset, collate, test_transform
@@ -119,10 +132,12 @@ class Evaluator:
         if len(ds) == 0:
             raise HCFormerError(f"data.root {cfg.data.root}: the validation split has no images")
         check_num_classes(cfg, ds)
-        model = self.load_model()
+        final = model is None
+        if final:
+            model = self.load_model()
         per_pixel = cfg.model.head.type in PER_PIXEL_HEADS
         task = cfg.data.task
-        out_dir = self.run_dir / PREDICTIONS
+        out_dir = self.run_dir / PREDICTIONS if out_dir is None else Path(out_dir)
         cats = ds.categories
         things = frozenset(c["train_id"] for c in cats if c["isthing"])
         semantic = panoptic = instances = None
@@ -134,10 +149,12 @@ class Evaluator:
             instances = InstanceWriter(out_dir / "instances_results.json", cats)
         useg: dict[int, list[float]] = {}
         visual_dir = self.run_dir / VISUAL
-        n_visual = test.visual_images
+        n_visual = test.visual_images if final else 0
         batch = max(1, test.batch_size)
         with torch.inference_mode():
             for first in range(0, len(ds), batch):
+                if stop is not None and stop():
+                    return None
                 indices = list(range(first, min(first + batch, len(ds))))
                 records = [ds.load(i) for i in indices]
                 samples = [test_transform(r, cfg.data) for r in records]
@@ -229,7 +246,8 @@ class Evaluator:
         metrics["images"] = len(ds)
         metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
         write_json_atomic(out_dir / "scores.json", scores.get("_details", {}))
-        write_json_atomic(self.run_dir / METRICS, metrics)
+        if final:
+            write_json_atomic(self.run_dir / METRICS, metrics)
         return metrics
 
     def score(self, ds: Any, written: dict[str, Path], semantic: Any) -> dict[str, Any]:

@@ -18,6 +18,20 @@ SIGTERM / SIGINT / SIGUSR1 or :func:`hcformer.engine.signals.request_stop` (save
 iteration boundary; then exit status 128 + signal, or 3); a rerun of the same command resumes from
 it. A finished run writes ``model_final.pt``; rerunning it does nothing.
 
+Visibility of a long run: every ``solver.log_every`` iterations a line of ``train_log.jsonl``
+(losses, learning rate, training seconds, wall-clock ``timestamp``) and a progress line on stderr
+(what a SLURM job's log shows): iteration/total, loss, learning rate, seconds per iteration,
+images per second, ETA, peak memory (CUDA allocator, or the process's peak RSS on the CPU).
+Every ``solver.eval_every`` iterations (the authors' ``TEST.EVAL_PERIOD``; 0: never; never at
+the last iteration, which ``hcformer evaluate`` scores) the current weights are scored on the
+validation split (:meth:`hcformer.engine.evaluate.Evaluator.run` into a temporary folder; the
+run's ``predictions/`` and ``metrics.json`` are untouched) by the main process while the others
+wait; the scores go to ``train_log.jsonl`` (a line with ``"split": "val"``) and MLflow at that
+iteration. Validation comes before the iteration's checkpoint, and the checkpoint records the
+last validated iteration: a run stopped during a validation (which a stop request cuts short)
+validates that iteration again on resume, one killed after it keeps its line, and the log's
+replay drops lines past the checkpoint, so no validation is lost or logged twice.
+
 Python: :func:`train` (what ``hcformer run --launcher inline`` may call) returns a
 :class:`TrainResult`.
 """
@@ -26,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import math
 import os
@@ -43,6 +58,7 @@ if TYPE_CHECKING:
     from hcformer.engine.batches import Pass
 
 SCALES = ("paper", "tiny", "smoke")
+VALIDATION_WAIT_H = 6  # how long the other processes wait for the main one's validation
 
 
 @dataclass
@@ -145,8 +161,15 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         self.amp = solver.amp and self.device.type == "cuda"
+        if solver.eval_every < 0:
+            raise ConfigError(
+                f"solver.eval_every: {solver.eval_every}, expected 0 (validate only at the end) "
+                "or a number of iterations"
+            )
         self.iteration = 0
+        self.validated = 0  # the last iteration scored on the validation split
         self.elapsed = 0.0  # training seconds over all attempts
+        self._wait_group = None  # gloo group the other processes wait in during a validation
         self._update_lock = threading.Lock()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -190,6 +213,7 @@ class Trainer:
             "iteration": self.iteration,
             "seed": self.seed,
             "elapsed": self.elapsed,
+            "validated": self.validated,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -228,6 +252,7 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
+        self.validated = int(state.get("validated", self.iteration))
         self.elapsed = float(state.get("elapsed", 0.0))
         if self.dist.is_main:
             print(
@@ -353,7 +378,22 @@ class Trainer:
         main = self.dist.is_main
         tracker = self._open_tracker() if main else None
         log = TrainLog(self.run_dir, self.iteration) if main else None
-        bar = Progress(total, self.iteration, enabled=main and progress)
+        bar = Progress(
+            total,
+            self.iteration,
+            enabled=main and progress,
+            batch_size=solver.batch_size,
+            device=self.device,
+            eval_every=solver.eval_every,
+        )
+        if self.dist.enabled and solver.eval_every > 0 and self.iteration < total:
+            from datetime import timedelta
+
+            # Validation runs on the main process only; the others wait in a gloo barrier,
+            # whose timeout (unlike NCCL's 10 minutes) allows a long validation split.
+            self._wait_group = torch.distributed.new_group(
+                backend="gloo", timeout=timedelta(hours=VALIDATION_WAIT_H)
+            )
         signals.register_saver(self.save)
         stopped = False
         batches = iterate(
@@ -363,6 +403,9 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         try:
+            if self.validation_due(self.iteration) and self.validated < self.iteration:
+                # Stopped during this iteration's validation last time: score it now.
+                self.validate(log, tracker, bar)
             while self.iteration < total:
                 started = time.perf_counter()
                 totals = self.step(next(batches))
@@ -378,13 +421,17 @@ class Trainer:
                     entry = {"iteration": it, **dict(zip(keys, values))}
                     entry["lr"] = max(g["lr"] for g in self.optimizer.param_groups)
                     entry["time"] = round(self.elapsed, 3)
+                    entry["timestamp"] = round(time.time(), 3)
                     if log is not None:
                         log.write(entry)
                     if tracker is not None:
                         tracker.log_metrics(
-                            {k: v for k, v in entry.items() if k != "iteration"}, it
+                            {k: v for k, v in entry.items() if k not in ("iteration", "timestamp")},
+                            it,
                         )
                     bar.update(it, entry)
+                if self.validation_due(it):
+                    self.validate(log, tracker, bar)
                 flag = torch.tensor([1.0 if signals.stop_requested() else 0.0], device=self.device)
                 if float(all_reduce_sum(flag)) > 0:
                     stopped = it < total
@@ -420,6 +467,63 @@ class Trainer:
 
         return open_tracker(self.run_dir, to_dict(self.cfg), self.info)
 
+    # -- periodic validation --------------------------------------------------------------------
+    def validation_due(self, it: int) -> bool:
+        """Whether iteration ``it`` is scored on the validation split (never the last one:
+        ``hcformer evaluate`` scores the final weights)."""
+        every = self.cfg.solver.eval_every
+        return every > 0 and 0 < it < self.cfg.solver.iterations and it % every == 0
+
+    def validate(self, log: TrainLog | None, tracker, bar: Progress) -> dict[str, float] | None:
+        """Score the current weights on the validation split (main process; the others wait):
+        the scores, also logged at this iteration, or None when a stop request cut it short
+        (:attr:`validated` then stays behind, so a resumed run scores this iteration again)."""
+        it = self.iteration
+        scores = self._validate_main(it) if self.dist.is_main else None
+        if self._wait_group is not None:
+            import torch
+
+            torch.distributed.barrier(group=self._wait_group)
+        if scores is None:
+            return None
+        self.validated = it
+        entry = {"iteration": it, "split": "val", **scores, "timestamp": round(time.time(), 3)}
+        if log is not None:
+            log.write(entry)
+        if tracker is not None:
+            tracker.log_metrics(scores, it)
+        bar.validation(it, scores)
+        return scores
+
+    def _validate_main(self, it: int) -> dict[str, float] | None:
+        import tempfile
+
+        from hcformer.engine import signals
+        from hcformer.engine.evaluate import Evaluator
+
+        evaluator = Evaluator(self.run_dir, device=str(self.device))
+        evaluator.iterations = it
+        self.model.eval()
+        try:
+            with tempfile.TemporaryDirectory(prefix=".validation-", dir=self.run_dir) as tmp:
+                metrics = evaluator.run(self.model, out_dir=Path(tmp), stop=signals.stop_requested)
+        finally:
+            self.model.train()
+        if metrics is None:
+            print(
+                f"hcformer train: validation at iteration {it} stopped; it runs again on resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+        return {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and k not in ("iterations", "images")
+        }
+
 
 class TrainLog:
     """``train_log.jsonl``: one JSON line per logged iteration; on resume, lines past the
@@ -442,37 +546,121 @@ class TrainLog:
             f.write(json.dumps(entry) + "\n")
 
 
-class Progress:
-    """A tqdm bar on a terminal, else one line per logged iteration on stderr."""
+def peak_memory(device) -> tuple[float, str]:
+    """The process's peak memory in GiB and what it measures: the CUDA allocator's peak on a
+    GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        import torch
 
-    def __init__(self, total: int, start: int, *, enabled: bool) -> None:
+        return torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "RSS"  # KiB on Linux
+
+
+def duration(seconds: float) -> str:
+    """``1d02h03m``, ``2h03m``, ``3m04s`` or ``5s``."""
+    s = max(int(round(seconds)), 0)
+    days, rest = divmod(s, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress:
+    """A tqdm bar on a terminal, else one line per logged iteration on stderr (a SLURM job's
+    log): iteration/total, loss, learning rate, seconds per iteration and images per second over
+    the iterations since the last line, ETA (those seconds per iteration over the iterations
+    left, plus the validations left at the last one's duration), peak memory."""
+
+    def __init__(
+        self,
+        total: int,
+        start: int,
+        *,
+        enabled: bool,
+        batch_size: int = 1,
+        device=None,
+        eval_every: int = 0,
+    ) -> None:
         self.enabled = enabled
         self.total = total
+        self.batch_size = batch_size
+        self.device = device
+        self.eval_every = eval_every
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
         self.last = start
+        self.last_time: float | None = None  # training seconds at the last line
+        self.eval_seconds = 0.0  # the last validation's duration
+
+    def line(self, it: int, entry: dict[str, Any]) -> str:
+        """The progress line of iteration ``it`` (``entry``: its training-log line)."""
+        parts = [
+            f"it {it}/{self.total} ({100 * it / max(self.total, 1):.1f}%)",
+            f"loss {entry.get('loss', 0):.4f}",
+            f"lr {entry['lr']:.3g}",
+        ]
+        done = it - self.last
+        if self.last_time is not None and done > 0:
+            per_it = (entry["time"] - self.last_time) / done
+            left = self.total - it
+            validations = 0
+            if self.eval_every > 0:  # those still to come (none at the last iteration)
+                validations = (self.total - 1) // self.eval_every - it // self.eval_every
+            eta = left * per_it + validations * self.eval_seconds
+            speed = self.batch_size / per_it if per_it > 0 else float("inf")
+            parts += [f"{per_it:.3f} s/it", f"{speed:.1f} img/s", f"ETA {duration(eta)}"]
+        if self.device is not None:
+            gib, what = peak_memory(self.device)
+            parts.append(f"peak {what} {gib:.2f} GiB")
+        return "hcformer train: " + " | ".join(parts)
 
     def update(self, it: int, entry: dict[str, Any]) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(it - self.last)
-            self.bar.set_postfix(loss=f"{entry.get('loss', 0):.3f}", lr=f"{entry['lr']:.2e}")
+            postfix = {"loss": f"{entry.get('loss', 0):.3f}", "lr": f"{entry['lr']:.2e}"}
+            if self.device is not None:
+                gib, what = peak_memory(self.device)
+                postfix[what] = f"{gib:.1f}G"
+            self.bar.set_postfix(postfix)
         else:
-            print(
-                f"hcformer train: it {it}/{self.total} loss {entry.get('loss', 0):.4f} "
-                f"lr {entry['lr']:.3g} time {entry['time']:.1f}s",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(self.line(it, entry), file=sys.stderr, flush=True)
         self.last = it
+        self.last_time = entry["time"]
+
+    def validation(self, it: int, scores: dict[str, float]) -> None:
+        self.eval_seconds = float(scores.get("eval_seconds", 0.0))
+        if not self.enabled:
+            return
+        shown = " ".join(
+            f"{k} {v:.2f}" for k, v in scores.items() if k != "eval_seconds" and "_level" not in k
+        )
+        text = f"hcformer train: validation at it {it}: {shown} ({self.eval_seconds:.0f} s)"
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        return ""
 
 
 def train(
@@ -480,13 +668,23 @@ def train(
 ) -> TrainResult:
     """Train (or resume) ``cfg`` into ``run_dir``; see the module docstring."""
     from hcformer.engine import signals
-    from hcformer.engine.runinfo import FINAL_WEIGHTS, write_run_files
+    from hcformer.engine.runinfo import FINAL_WEIGHTS, RUN_INFO, write_run_files
 
     run_dir = Path(run_dir)
+    if cfg.tracking.enabled:  # before anything is written or loaded: refused in a second
+        from hcformer.tracking import check_live
+
+        check_live(run_dir, to_dict(cfg), info)
+    # Who and when, for MLflow (run.json is written once: the first start stays).
+    info = {"started_at": round(time.time(), 3), "user": _user(), **info}
     trainer = Trainer(cfg, run_dir, seed=seed, info=info)
     if trainer.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg, info)
+    with contextlib.suppress(OSError, ValueError):
+        first = json.loads((run_dir / RUN_INFO).read_text())
+        info.update({k: first[k] for k in ("started_at", "user") if k in first})
+    trainer.info = info
     if (run_dir / FINAL_WEIGHTS).is_file():
         if trainer.dist.is_main:
             print(

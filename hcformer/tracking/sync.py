@@ -11,6 +11,12 @@ The run folders are the source of truth (DESIGN.md step 6). For every run folder
   ``FAILED`` file): a FAILED run;
 - anything else (pending or running) is left alone.
 
+Times are the run's own, not the sync's: the run starts at ``run.json``'s ``started_at`` (when
+training first started; older folders: the first training-log line, else ``config.yaml``'s
+modification time) and ends when ``metrics.json`` was written (a failed run: its last log or job
+file); each training-log line is stamped with its ``timestamp``. The process that runs the sync
+is the one writer of a SQLite store, so it may live on a network file system.
+
 Idempotent: a second sync changes nothing. Without ``--uri`` each folder goes to its scale's
 default store (``<results>/<scale>/mlflow.db``) unless ``MLFLOW_TRACKING_URI`` is set.
 """
@@ -18,6 +24,7 @@ default store (``<results>/<scale>/mlflow.db``) unless ``MLFLOW_TRACKING_URI`` i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -73,7 +80,14 @@ def failed(run_dir: Path) -> bool:
     return job.get("state") == "failed" or any((run_dir / m).exists() for m in ERROR_MARKERS)
 
 
-def train_log(run_dir: Path) -> Iterator[tuple[int, dict[str, float]]]:
+# Keys of a training-log line that are not metrics: the line's wall-clock time (it stamps the
+# metrics instead).
+_NOT_METRICS = {"iteration", "timestamp"}
+
+
+def train_log(run_dir: Path) -> Iterator[tuple[int, dict[str, float], float | None]]:
+    """``(iteration, metrics, timestamp or None)`` of each line of ``train_log.jsonl``: the
+    training losses and learning rate, and the periodic validation scores."""
     path = run_dir / "train_log.jsonl"
     if not path.is_file():
         return
@@ -82,8 +96,56 @@ def train_log(run_dir: Path) -> Iterator[tuple[int, dict[str, float]]]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        step = int(entry.pop("iteration", 0))
-        yield step, {k: v for k, v in entry.items() if isinstance(v, (int, float))}
+        if not isinstance(entry, dict):
+            continue
+        stamp = entry.get("timestamp")
+        values = {
+            k: v
+            for k, v in entry.items()
+            if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        yield int(entry.get("iteration", 0)), values, stamp if _is_number(stamp) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _mtime(path: Path) -> float | None:
+    with contextlib.suppress(OSError):
+        return path.stat().st_mtime
+    return None
+
+
+def start_time(run_dir: Path, info: dict[str, Any]) -> float | None:
+    """When the run first started training (Unix seconds), from its folder."""
+    if _is_number(info.get("started_at")):
+        return float(info["started_at"])
+    for _, values, stamp in train_log(run_dir):
+        if stamp is not None:  # the first line: its stamp less the training time before it
+            return stamp - float(values.get("time", 0.0))
+        break
+    return _mtime(run_dir / "config.yaml")
+
+
+def end_time(run_dir: Path, finished: bool) -> float | None:
+    """When the run ended: its evaluation wrote ``metrics.json`` (written last), or a failed
+    run's latest log, job or error file."""
+    if finished:
+        return _mtime(run_dir / "metrics.json")
+    names = ("train_log.jsonl", "job.json", *ERROR_MARKERS)
+    times = [t for t in (_mtime(run_dir / n) for n in names) if t is not None]
+    return max(times, default=None)
+
+
+def file_owner(path: Path) -> str:
+    """The user name owning ``path`` ("" when unknown)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (OSError, KeyError):
+        return ""
 
 
 def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -103,6 +165,10 @@ def sync_folder(run_dir: Path, uri: str) -> str:
     is_failed = metrics is None and failed(run_dir)
     if metrics is None and not is_failed:
         return "skipped"
+    info.setdefault("user", file_owner(run_dir / "config.yaml"))
+    started = start_time(run_dir, info)
+    if started is not None:
+        info["started_at"] = started
     tracker = RunTracker(uri)
     dataset = str(config.get("data", {}).get("dataset", "unknown"))
     existing = tracker.find_run(run_dir, str(info["scale"]), dataset)
@@ -115,14 +181,15 @@ def sync_folder(run_dir: Path, uri: str) -> str:
     outcome = "completed" if existing is not None else "created"
     tracker.run_id = tracker._start(run_dir, config, info)
     if existing is None:
-        for step, values in train_log(run_dir):
-            tracker.log_metrics(values, step)
+        for step, values, stamp in train_log(run_dir):
+            tracker.log_metrics(values, step, stamp)
+    ended = end_time(run_dir, not is_failed)
     if is_failed:
-        tracker.end("FAILED")
+        tracker.end("FAILED", ended)
         return "failed"
-    tracker.log_metrics(final_metrics(metrics), int(metrics.get("iterations", 0) or 0))
+    tracker.log_metrics(final_metrics(metrics), int(metrics.get("iterations", 0) or 0), ended)
     tracker.log_artifacts([run_dir / "config.yaml", run_dir / "metrics.json"])
-    tracker.end("FINISHED")
+    tracker.end("FINISHED", ended)
     if not tracker.enabled:
         raise HCFormerError(f"{run_dir}: could not write to the MLflow store {uri}")
     return outcome

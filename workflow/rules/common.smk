@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 from hcformer.experiments import all_experiments, load_tables
+from hcformer.errors import ConfigError
+from hcformer.tracking.store import check_live_store
+from snakemake.exceptions import WorkflowError
 
 SCALE = config["scale"]
 SEEDS = [int(s) for s in config["seeds"]]
@@ -134,7 +137,15 @@ def run_environment():
 
 
 def tracking_overrides():
-    return "" if config.get("mlflow_live", True) else "--set tracking.enabled=false"
+    """`--set tracking.enabled=false` unless runs log live (`mlflow_live`), which is refused
+    here, before any job, for a SQLite or file store on a network file system."""
+    if not config.get("mlflow_live", False):
+        return "--set tracking.enabled=false"
+    try:
+        check_live_store(mlflow_uri())
+    except ConfigError as exc:
+        raise WorkflowError(f"mlflow_live: {exc}") from None
+    return ""
 
 
 wildcard_constraints:
