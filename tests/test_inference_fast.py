@@ -13,6 +13,7 @@ the plain model once with hooks and recording each BN whose input tensor IS a co
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -217,3 +218,40 @@ def test_cuda_graph_runner_refuses_cpu_inputs():
 
     with pytest.raises(RuntimeError, match="needs CUDA inputs"):
         CUDAGraphRunner(nn.Conv2d(3, 3, 1))(torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.slow
+def test_hcformer_evaluate_with_the_fast_paths_scores_as_the_plain_model(tmp_path, monkeypatch):
+    """``hcformer evaluate --fuse --channels-last`` on a run folder (random weights, tiny
+    synthetic ADE20K): the same metrics as the plain evaluation, which loads the weights as
+    saved (the fused copy is the evaluator's own)."""
+    import yaml
+
+    from hcformer.config import merge, to_dict
+    from hcformer.engine.evaluate import main as evaluate_main
+
+    cfg = resolve("ade20k/hcformer-r50-L3-D8-Q100", "tiny")
+    run = tmp_path / "run"
+    run.mkdir()
+    data = {
+        "root": str(tmp_path / "ade20k"),
+        "synthetic": {"train_images": 2, "val_images": 3, "size": [64, 64], "seed": 0},
+        "test_short": 64,
+        "test_max": 64,
+    }
+    overrides = {"data": data, "tracking": {"enabled": False}, "test": {"visual_images": 0}}
+    (run / "config.yaml").write_text(yaml.safe_dump(merge(to_dict(cfg), overrides)))
+    model = tiny("ade20k/hcformer-r50-L3-D8-Q100")
+    torch.save(model.state_dict(), run / "model_final.pt")
+    from hcformer.models import fuse
+
+    folded = []
+    monkeypatch.setattr(fuse, "fold_batchnorms", lambda m: folded.append(fold_batchnorms(m)))
+    metrics = {}
+    for name, flags in (("plain", []), ("fast", ["--fuse", "--channels-last"])):
+        assert evaluate_main(["--run-dir", str(run), "--device", "cpu", *flags]) == 0
+        metrics[name] = json.loads((run / "metrics.json").read_text())
+        assert len(folded) == (name == "fast")  # the plain evaluation folds nothing
+    assert folded[0] == sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    for key in ("miou", "pixel_acc", "useg_level1", "useg_level2", "useg_level3"):
+        assert metrics["fast"][key] == pytest.approx(metrics["plain"][key], abs=0.05), key

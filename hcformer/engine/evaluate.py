@@ -22,6 +22,10 @@ them with :mod:`hcformer.evaluation`. Metrics, in percent
   over images;
 - ``iterations`` (training iterations of the weights), ``images``, ``eval_seconds``.
 
+Fast paths, evaluation only (``--fuse --channels-last --dtype bfloat16 --compile [MODE]
+--cuda-graph``): :func:`hcformer.models.fuse.optimize_for_inference` on the loaded model; without
+them the plain model runs.
+
 ``metrics.json`` is written atomically and last: its presence means the run is complete. Scores
 broken down per class go to ``predictions/scores.json``.
 
@@ -77,7 +81,7 @@ def gt_regions(dataset: Any, index: int, record: Any) -> np.ndarray:
 class Evaluator:
     """Inference over the validation split of one run folder (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, *, device: str | None = None) -> None:
+    def __init__(self, run_dir: Path, *, device: str | None = None, inference=None) -> None:
         import torch
 
         from hcformer.engine.runinfo import read_run
@@ -85,6 +89,7 @@ class Evaluator:
         self.run_dir = Path(run_dir)
         self.cfg, self.info = read_run(self.run_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.inference = inference  # hcformer.models.fuse.InferenceOptions; None: the plain model
 
     def load_model(self):
 
@@ -100,7 +105,12 @@ class Evaluator:
         model = build_model(self.cfg.model)
         model.load_state_dict(load_checkpoint(path))
         self.iterations = self.cfg.solver.iterations  # model_final.pt exists once all are done
-        return model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        if self.inference is None:
+            return model
+        from hcformer.models.fuse import apply_options
+
+        return apply_options(model, self.inference, inplace=True)
 
     def run(
         self,
@@ -328,13 +338,13 @@ def save_visual(
     tmp.replace(path)
 
 
-def evaluate(run_dir: str | Path, *, device: str | None = None) -> dict[str, Any]:
+def evaluate(run_dir: str | Path, *, device: str | None = None, inference=None) -> dict[str, Any]:
     """Evaluate a run folder; returns the metrics also written to ``metrics.json``. Mirrors
     them to MLflow (the run folder's MLflow run ends FINISHED)."""
     from hcformer.config import to_dict
     from hcformer.engine.runinfo import CONFIG, METRICS
 
-    evaluator = Evaluator(Path(run_dir), device=device)
+    evaluator = Evaluator(Path(run_dir), device=device, inference=inference)
     metrics = evaluator.run()
     if evaluator.cfg.tracking.enabled:
         from hcformer.tracking import open_tracker
@@ -350,8 +360,11 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="hcformer evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True, help="a run folder written by hcformer train")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    from hcformer.models.fuse import add_inference_arguments, inference_options
+
+    add_inference_arguments(p)
     args = p.parse_args(argv)
-    metrics = evaluate(args.run_dir, device=args.device)
+    metrics = evaluate(args.run_dir, device=args.device, inference=inference_options(args))
     shown = {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
     print(f"hcformer evaluate: {args.run_dir}: {json.dumps(shown)}", file=sys.stderr)
     return 0
