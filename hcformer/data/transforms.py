@@ -344,8 +344,10 @@ def pad_images(
     fill = torch.as_tensor(pad_value, dtype=torch.float32).reshape(-1, 1, 1)
     if fill.shape[0] not in (1, 3):
         raise ValueError(f"pad_value: expected one number or three, got {pad_value!r}")
-    out = fill.expand(3, *size).repeat(len(images), 1, 1, 1)
-    for b, image in enumerate(images):
+    out = torch.empty((len(images), 3, *size), dtype=torch.float32)
+    for b, image in enumerate(images):  # each pixel written once: the image, else the fill
         h, w = image.shape[-2:]
         out[b, :, :h, :w] = image
+        out[b, :, h:, :] = fill
+        out[b, :, :h, w:] = fill
     return out
