@@ -255,3 +255,12 @@ def test_hcformer_evaluate_with_the_fast_paths_scores_as_the_plain_model(tmp_pat
     assert folded[0] == sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     for key in ("miou", "pixel_acc", "useg_level1", "useg_level2", "useg_level3"):
         assert metrics["fast"][key] == pytest.approx(metrics["plain"][key], abs=0.05), key
+
+
+def test_the_fast_path_compiles_as_one_graph():
+    """Folding, channels-last and autocast add no graph break (dynamo's trace only)."""
+    model = tiny(MODELS["HCFormer R50 (DCNv2)"])
+    fast = optimize_for_inference(model, fuse=True, channels_last=True, dtype="bfloat16")
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(fast)(images(1))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
