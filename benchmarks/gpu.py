@@ -236,6 +236,7 @@ class Runner:
         import ops_speed
 
         impls = getattr(ops_speed, "IMPLS", ("reference", "fast"))
+        available = getattr(ops_speed, "available_impls", lambda device: impls)(self.args.device)
         h, w = (16, 24) if self.quick else (200, 304)
         shape = argparse.Namespace(
             height=h,
@@ -248,6 +249,9 @@ class Runner:
         for name in impls:
             for phase, backward in (("forward", False), ("forward_backward", True)):
                 what = {"impl": name, "phase": phase, "fine": [h, w], "channels": 128}
+                if name not in available:
+                    self.skip("ops", what, f"not available on {self.args.device}")
+                    continue
                 if not self.budget.fits(5.0):
                     self.skip("ops", what, "budget")
                     continue
