@@ -4,7 +4,9 @@ One run measures every implementation of ``clustering`` followed by ``decode`` (
 them at the stride-4 level) at the stride-4 map of an 800x1216 image: fine 200x304, coarse 100x152,
 C_F = 128, 100 decoded channels, batch 1, float32. Implementations: ``reference`` (the listings),
 ``fast`` (``hcformer.ops.fast`` with the batched-product backend) and, on CUDA where triton is
-installed, ``triton`` (the same ops with the fused Triton kernels). Timings are interleaved
+installed, ``triton`` (the Triton backend: eq. (3) as the fused ``hcformer::local_assignment``,
+eq. (5) as ``local_decode``, each on Triton kernels; ``available_impls`` lists what runs on a
+device, so a CPU run does not try it). Timings are interleaved
 (reference, fast, triton, reference, ...) and summarised by their median: on the CPU wall clock
 and process CPU time of one call (2 threads), on CUDA the wall time per call of ``--inner``
 back-to-back calls between two synchronisations. Peak memory: on the CPU the growth of ru_maxrss
@@ -13,7 +15,8 @@ in a fresh subprocess per (implementation, mode), on CUDA the growth of max_memo
 The memory-bandwidth bound: the bytes each primitive must at least read and write (its inputs
 once, its outputs once: forward similarity+softmax reads fine and coarse and writes the
 assignment, decode reads x and the assignment and writes the decoded map; the backward of each
-reads the upstream gradient and the forward inputs and writes the gradients) over the device's
+reads the upstream gradient and the forward inputs (eq. 3: also its saved output) and writes the
+gradients) over the device's
 bandwidth (``--bandwidth``, the H200's 4.8e12 B/s by default, or ``--measure-bandwidth``: a
 large device-to-device copy); the report gives each implementation's time over that bound.
 
@@ -90,7 +93,10 @@ def _module(name: str):
 def minimum_bytes(args: argparse.Namespace, itemsize: int = 4) -> dict[str, int]:
     """Bytes that clustering + decode must at least read and write, forward and backward.
 
-    Each primitive reads each input and writes each output once (the scale is negligible).
+    Each primitive reads each input and writes each output once (the scale is negligible). The
+    backward of eq. (3) reads the upstream gradient, the saved assignment (the softmax backward
+    needs it; recomputing it would read fine and coarse once more) and fine and coarse, and
+    writes d fine and d coarse.
     """
     fine = args.channels * args.height * args.width
     coarse = fine // 4
@@ -99,7 +105,7 @@ def minimum_bytes(args: argparse.Namespace, itemsize: int = 4) -> dict[str, int]
     decoded = 4 * x
     forward = (fine + coarse + assignment) + (x + assignment + decoded)
     backward = (decoded + x + assignment + x + assignment) + (
-        assignment + fine + coarse + fine + coarse
+        assignment + assignment + fine + coarse + fine + coarse
     )
     return {
         "forward": forward * itemsize,

@@ -53,7 +53,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from hcformer.ops._checks import check_clustering_args, check_decode_args
-from hcformer.ops.reference import masked_logits
+from hcformer.ops.reference import EPS, assignment_dtype, masked_logits
 
 BACKENDS = ("auto", "torch", "triton")
 # The process-wide default; HCFORMER_OPS_BACKEND=torch turns the Triton kernels off on a GPU.
@@ -97,6 +97,19 @@ def _kernels_for(t: torch.Tensor) -> ModuleType | None:
     if _backend == "torch" or (_backend == "auto" and t.device.type != "cuda"):
         return None
     return _triton_kernels()
+
+
+def _fused_assignment(t: torch.Tensor) -> bool:
+    """Whether ``clustering`` of features ``t`` runs as the fused ``local_assignment``: on the
+    Triton backend. (Decided outside the custom op, so the torch backend keeps its ops.)"""
+    if _backend == "torch" or (_backend == "auto" and t.device.type != "cuda"):
+        return False
+    return _triton_available()
+
+
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    return _triton_kernels() is not None
 
 
 @dataclass(frozen=True)
@@ -433,6 +446,87 @@ local_similarity.register_autograd(_similarity_autograd, setup_context=_save_inp
 local_decode.register_autograd(_decode_autograd, setup_context=_save_inputs)
 
 
+@torch.library.custom_op("hcformer::local_assignment", mutates_args=())
+def local_assignment(fine: torch.Tensor, coarse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Eq. (3) whole: softmax over the 3x3 candidates of <fine, candidate> / (1e-8 + |scale|),
+    candidates outside the coarse map excluded; [B, 9, H, W] (float32 for half features).
+
+    ``clustering`` calls it on the Triton backend, where it is ONE fused kernel (logits, mask,
+    scale and softmax) and its backward two kernels and a sum (``triton_kernels.assignment``);
+    on the torch backend it computes the same from ``local_similarity`` and ``masked_logits``.
+    """
+    kernels = _kernels_for(fine)
+    if kernels is not None:
+        return kernels.assignment(fine, coarse, scale)
+    return masked_logits(local_similarity(fine, coarse), scale).softmax(1)
+
+
+@local_assignment.register_fake
+def _(fine: torch.Tensor, coarse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    b, _, h, w = fine.shape
+    return fine.new_empty((b, 9, h, w), dtype=assignment_dtype(fine.dtype))
+
+
+@torch.library.custom_op("hcformer::local_assignment_backward", mutates_args=())
+def local_assignment_backward(
+    grad: torch.Tensor,
+    assignment: torch.Tensor,
+    fine: torch.Tensor,
+    coarse: torch.Tensor,
+    scale: torch.Tensor,
+    need_fine: bool,
+    need_coarse: bool,
+    need_scale: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``local_assignment`` from the upstream ``grad`` and the saved ``assignment``.
+
+    Softmax backward dz = a (grad - <a, grad>), d logits dS = dz / (1e-8 + |s|), then d fine and
+    d coarse as ``local_similarity_backward`` of dS, and d s = -sign(s) sum(dz z) / (1e-8 + |s|)
+    with z the logits (sum_k dz_k z_k = sum_k dz_k log a_k: the logits are not recomputed).
+    A gradient not needed is an empty tensor.
+    """
+    kernels = _kernels_for(fine)
+    need = (need_fine, need_coarse, need_scale)
+    if kernels is not None:
+        return kernels.assignment_backward(grad, assignment, fine, coarse, scale, need)
+    denominator = EPS + scale.abs()
+    dz = assignment * (grad - (assignment * grad).sum(1, keepdim=True))
+    d_fine, d_coarse = local_similarity_backward(
+        (dz / denominator).to(fine.dtype), fine, coarse, need_fine, need_coarse
+    )
+    d_scale = scale.new_empty(0)
+    if need_scale:
+        log_a = torch.where(assignment > 0, assignment, 1.0).log()
+        d_scale = (-(dz * log_a).sum() * scale.sign() / denominator).to(scale.dtype)
+    return d_fine, d_coarse, d_scale
+
+
+@local_assignment_backward.register_fake
+def _(grad, assignment, fine, coarse, scale, need_fine, need_coarse, need_scale):
+    d_fine, d_coarse, d_scale = fine.new_empty(0), coarse.new_empty(0), scale.new_empty(0)
+    if need_fine:
+        d_fine = _empty_nchw(fine, fine.shape, _channels_last(fine))
+    if need_coarse:
+        d_coarse = _empty_nchw(coarse, coarse.shape, _channels_last(coarse))
+    if need_scale:
+        d_scale = scale.new_empty(scale.shape)
+    return d_fine, d_coarse, d_scale
+
+
+def _save_inputs_and_output(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs, output)
+
+
+def _assignment_autograd(ctx, grad: torch.Tensor):
+    fine, coarse, scale, assignment = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = local_assignment_backward(grad, assignment, fine, coarse, scale, *need)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+local_assignment.register_autograd(_assignment_autograd, setup_context=_save_inputs_and_output)
+
+
 def _fine_macs(shape) -> int:
     b, c, h, w = shape
     return 9 * b * c * h * w
@@ -446,6 +540,18 @@ def _similarity_flops(fine_shape, coarse_shape, *args, **kwargs) -> int:
 @register_flop_formula(torch.ops.hcformer.local_decode)
 def _decode_flops(x_shape, weights_shape, *args, **kwargs) -> int:
     return 2 * _fine_macs((weights_shape[0], x_shape[1], weights_shape[2], weights_shape[3]))
+
+
+@register_flop_formula(torch.ops.hcformer.local_assignment)
+def _assignment_flops(fine_shape, coarse_shape, scale_shape, *args, **kwargs) -> int:
+    return 2 * _fine_macs(fine_shape)  # the similarity; mask, scale and softmax are element-wise
+
+
+@register_flop_formula(torch.ops.hcformer.local_assignment_backward)
+def _assignment_backward_flops(
+    grad_shape, a_shape, fine_shape, coarse_shape, scale_shape, need_fine, need_coarse, *a, **kw
+):
+    return 2 * _fine_macs(fine_shape) * (int(need_fine) + int(need_coarse))
 
 
 @register_flop_formula(torch.ops.hcformer.local_similarity_backward)
@@ -478,6 +584,8 @@ def clustering(
     """
     check_clustering_args(feat, downsampled_feat, scale)
     feat, downsampled_feat = _common_dtype(feat, downsampled_feat)
+    if _fused_assignment(feat):  # one Triton kernel for the whole of eq. (3)
+        return local_assignment(feat, downsampled_feat, scale)
     similarity = local_similarity(feat, downsampled_feat)
     return masked_logits(similarity, scale).softmax(1)
 

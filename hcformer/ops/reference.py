@@ -16,6 +16,12 @@ from hcformer.ops._checks import check_clustering_args, check_decode_args, outsi
 EPS = 1e-8  # logits = cosine / (EPS + |s|), as the authors' code
 
 
+def assignment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of eq. (3)'s assignment for features of ``dtype``: float32 for half precision
+    (see ``masked_logits``), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def masked_logits(similarity: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Logits of eq. (3) from the similarities [B, 9, H, W]: cosine / (1e-8 + |s|), padding masked.
 

@@ -12,6 +12,17 @@ X//2 + dx - 1), zero outside the map):
   d x of eq. 5): coarse cell (y, x) collects the 36 children of its 3x3 neighbour cells, each
   weighted by the candidate that points back at (y, x).
 
+and eq. (3) itself, fused (``hcformer::local_assignment`` of ``hcformer.ops.fast``):
+
+- ``assignment(fine, coarse, scale)``  A = softmax_k(S / (1e-8 + |s|)) with candidates outside the
+  coarse map excluded (by position), in ONE kernel: the 9 logits stay in registers, the
+  assignment [B, 9, H, W] is written once; s is read from its tensor by the kernel (no host sync);
+- ``assignment_backward(grad, a, fine, coarse, scale, ...)``  one kernel does the softmax backward
+  dS = a (grad - <a, grad>) / (1e-8 + |s|) and d fine = gather(coarse, dS) in the same pass (dS
+  stays in registers and is stored only when d coarse needs it), with per-program partial sums of
+  d s, added by one small ``sum`` (deterministic: no atomics); d coarse = ``scatter(fine, dS)``.
+  d s uses z = log a + const (sum_k dz_k = 0 for a softmax), so the logits are not recomputed.
+
 Each kernel is one pass: a program owns a tile of fine pixels (``scatter``: of coarse cells) of
 one image, loads the tile's weights once and loops over the channels in blocks, reading every
 fine value once and the 3x3 coarse neighbourhoods through the cache, and writes its outputs once.
@@ -32,12 +43,117 @@ import torch
 import triton
 import triton.language as tl
 
+from hcformer.ops.reference import EPS, assignment_dtype
+
 # Tile sizes (powers of two). The candidate axis is padded from 9 to KPAD lanes (masked).
 KPAD = 16
 SIMILARITY_BLOCK_P, SIMILARITY_BLOCK_C = 32, 16  # fine pixels x channels per step
 GATHER_BLOCK_P, GATHER_BLOCK_C = 32, 16
 SCATTER_BLOCK_M, SCATTER_BLOCK_C = 32, 32  # coarse cells x channels (x 4 children)
 NUM_WARPS = 4
+
+
+@triton.jit
+def _neighbourhood(pid, H, W, h, w, BLOCK_P: tl.constexpr, KPAD: tl.constexpr):
+    """Program ``pid``'s image b, tile of fine pixels (y, x) and their candidate cells (cy, cx)."""
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    b = (pid // blocks).to(tl.int64)
+    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_p = p < H * W
+    y = p // W
+    x = p % W
+    k = tl.arange(0, KPAD)
+    cy = y[:, None] // 2 + k[None, :] // 3 - 1  # [P, K]
+    cx = x[:, None] // 2 + k[None, :] % 3 - 1
+    inside = in_p[:, None] & (k[None, :] < 9) & (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
+    return b, y, x, in_p, k, cy, cx, inside
+
+
+@triton.jit
+def _dot_candidates(
+    fine,
+    coarse,
+    C,
+    b,
+    y,
+    x,
+    in_p,
+    cy,
+    cx,
+    inside,
+    s_fb,
+    s_fc,
+    s_fh,
+    s_fw,
+    s_cb,
+    s_cc,
+    s_ch,
+    s_cw,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    KPAD: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """[P, K]: <fine[b, :, y, x], coarse[b, :, cy_k, cx_k]> over the channels, in blocks."""
+    f_ptr = fine + b * s_fb + y * s_fh + x * s_fw  # [P]
+    c_ptr = coarse + b * s_cb + cy * s_ch + cx * s_cw  # [P, K]
+    acc = tl.zeros([BLOCK_P, KPAD], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        in_c = c < C
+        f = tl.load(
+            f_ptr[:, None] + c[None, :] * s_fc, mask=in_p[:, None] & in_c[None, :], other=0.0
+        )
+        q = tl.load(
+            c_ptr[:, :, None] + c[None, None, :] * s_cc,
+            mask=inside[:, :, None] & in_c[None, None, :],
+            other=0.0,
+        )
+        acc += tl.sum(f.to(ACC)[:, None, :] * q.to(ACC), axis=2)
+    return acc
+
+
+@triton.jit
+def _combine_candidates(
+    src,
+    out,
+    wk,
+    C,
+    b,
+    y,
+    x,
+    in_p,
+    cy,
+    cx,
+    inside,
+    s_sb,
+    s_sc,
+    s_sh,
+    s_sw,
+    s_ob,
+    s_oc,
+    s_oh,
+    s_ow,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """out[b, :, y, x] = sum_k wk[:, k] src[b, :, cy_k, cx_k] (wk [P, K] in ACC), in blocks."""
+    s_ptr = src + b * s_sb + cy * s_sh + cx * s_sw  # [P, K]
+    o_ptr = out + b * s_ob + y * s_oh + x * s_ow  # [P]
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        in_c = c < C
+        q = tl.load(
+            s_ptr[:, :, None] + c[None, None, :] * s_sc,
+            mask=inside[:, :, None] & in_c[None, None, :],
+            other=0.0,
+        )
+        r = tl.sum(wk[:, :, None] * q.to(ACC), axis=1)  # [P, C]
+        tl.store(
+            o_ptr[:, None] + c[None, :] * s_oc,
+            r.to(out.dtype.element_ty),
+            mask=in_p[:, None] & in_c[None, :],
+        )
 
 
 @triton.jit
@@ -67,32 +183,11 @@ def _similarity_kernel(
     KPAD: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    blocks = tl.cdiv(H * W, BLOCK_P)
-    pid = tl.program_id(0)
-    b = (pid // blocks).to(tl.int64)
-    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = p < H * W
-    y = p // W
-    x = p % W
-    k = tl.arange(0, KPAD)
-    cy = y[:, None] // 2 + k[None, :] // 3 - 1  # [P, K]
-    cx = x[:, None] // 2 + k[None, :] % 3 - 1
-    inside = in_p[:, None] & (k[None, :] < 9) & (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
-    f_ptr = fine + b * s_fb + y * s_fh + x * s_fw  # [P]
-    c_ptr = coarse + b * s_cb + cy * s_ch + cx * s_cw  # [P, K]
-    acc = tl.zeros([BLOCK_P, KPAD], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        in_c = c < C
-        f = tl.load(
-            f_ptr[:, None] + c[None, :] * s_fc, mask=in_p[:, None] & in_c[None, :], other=0.0
-        )
-        q = tl.load(
-            c_ptr[:, :, None] + c[None, None, :] * s_cc,
-            mask=inside[:, :, None] & in_c[None, None, :],
-            other=0.0,
-        )
-        acc += tl.sum(f.to(ACC)[:, None, :] * q.to(ACC), axis=2)
+    b, y, x, in_p, k, cy, cx, inside = _neighbourhood(tl.program_id(0), H, W, h, w, BLOCK_P, KPAD)
+    acc = _dot_candidates(
+        fine, coarse, C, b, y, x, in_p, cy, cx, inside,
+        s_fb, s_fc, s_fh, s_fw, s_cb, s_cc, s_ch, s_cw, BLOCK_P, BLOCK_C, KPAD, ACC,
+    )  # fmt: skip
     o_ptr = out + b * s_ob + k[None, :] * s_ok + (y * s_oh + x * s_ow)[:, None]
     tl.store(o_ptr, acc.to(out.dtype.element_ty), mask=in_p[:, None] & (k[None, :] < 9))
 
@@ -124,38 +219,138 @@ def _gather_kernel(
     KPAD: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    blocks = tl.cdiv(H * W, BLOCK_P)
-    pid = tl.program_id(0)
-    b = (pid // blocks).to(tl.int64)
-    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = p < H * W
-    y = p // W
-    x = p % W
-    k = tl.arange(0, KPAD)
-    cy = y[:, None] // 2 + k[None, :] // 3 - 1  # [P, K]
-    cx = x[:, None] // 2 + k[None, :] % 3 - 1
-    inside = in_p[:, None] & (k[None, :] < 9) & (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
+    b, y, x, in_p, k, cy, cx, inside = _neighbourhood(tl.program_id(0), H, W, h, w, BLOCK_P, KPAD)
     wk = tl.load(
         weights + b * s_wb + k[None, :] * s_wk + (y * s_wh + x * s_ww)[:, None],
         mask=in_p[:, None] & (k[None, :] < 9),
         other=0.0,
     ).to(ACC)
-    s_ptr = src + b * s_sb + cy * s_sh + cx * s_sw  # [P, K]
-    o_ptr = out + b * s_ob + y * s_oh + x * s_ow  # [P]
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        in_c = c < C
-        q = tl.load(
-            s_ptr[:, :, None] + c[None, None, :] * s_sc,
-            mask=inside[:, :, None] & in_c[None, None, :],
-            other=0.0,
-        )
-        r = tl.sum(wk[:, :, None] * q.to(ACC), axis=1)  # [P, C]
+    _combine_candidates(
+        src, out, wk, C, b, y, x, in_p, cy, cx, inside,
+        s_sb, s_sc, s_sh, s_sw, s_ob, s_oc, s_oh, s_ow, BLOCK_C, ACC,
+    )  # fmt: skip
+
+
+@triton.jit
+def _assignment_kernel(
+    fine,
+    coarse,
+    scale,
+    out,
+    C,
+    H,
+    W,
+    h,
+    w,
+    s_fb,
+    s_fc,
+    s_fh,
+    s_fw,
+    s_cb,
+    s_cc,
+    s_ch,
+    s_cw,
+    s_ob,
+    s_ok,
+    s_oh,
+    s_ow,
+    EPS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    KPAD: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Eq. (3): softmax over the candidates inside the map of cosine / (EPS + |s|)."""
+    b, y, x, in_p, k, cy, cx, inside = _neighbourhood(tl.program_id(0), H, W, h, w, BLOCK_P, KPAD)
+    acc = _dot_candidates(
+        fine, coarse, C, b, y, x, in_p, cy, cx, inside,
+        s_fb, s_fc, s_fh, s_fw, s_cb, s_cc, s_ch, s_cw, BLOCK_P, BLOCK_C, KPAD, ACC,
+    )  # fmt: skip
+    z = acc / (EPS + tl.abs(tl.load(scale).to(ACC)))
+    z = tl.where(inside, z, float("-inf"))  # outside the map (and the padding lanes): weight 0
+    top = tl.where(in_p, tl.max(z, axis=1), 0.0)  # the parent (k = 4) is always inside
+    e = tl.exp(z - top[:, None])
+    total = tl.where(in_p, tl.sum(e, axis=1), 1.0)
+    o_ptr = out + b * s_ob + k[None, :] * s_ok + (y * s_oh + x * s_ow)[:, None]
+    a = e / total[:, None]
+    tl.store(o_ptr, a.to(out.dtype.element_ty), mask=in_p[:, None] & (k[None, :] < 9))
+
+
+@triton.jit
+def _assignment_backward_kernel(
+    grad,
+    assignment,
+    coarse,
+    scale,
+    d_fine,
+    d_logits,
+    d_scale_partial,
+    C,
+    H,
+    W,
+    h,
+    w,
+    s_gb,
+    s_gk,
+    s_gh,
+    s_gw,
+    s_ab,
+    s_ak,
+    s_ah,
+    s_aw,
+    s_cb,
+    s_cc,
+    s_ch,
+    s_cw,
+    s_db,
+    s_dc,
+    s_dh,
+    s_dw,
+    s_lb,
+    s_lk,
+    s_lh,
+    s_lw,
+    EPS: tl.constexpr,
+    NEED_FINE: tl.constexpr,
+    NEED_LOGITS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    KPAD: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Backward of eq. (3): dS (stored if NEED_LOGITS), d fine = gather(coarse, dS), d s partial.
+
+    z = S / (EPS + |s|), a = softmax(z): dz = a (g - <a, g>), dS = dz / (EPS + |s|) and
+    d s = -sign(s) / (EPS + |s|) sum dz z, where sum_k dz_k z_k = sum_k dz_k log a_k because
+    log a_k = z_k - logsumexp(z) and sum_k dz_k = 0 (a_k = 0: no term, dz_k = 0 there).
+    """
+    pid = tl.program_id(0)
+    b, y, x, in_p, k, cy, cx, inside = _neighbourhood(pid, H, W, h, w, BLOCK_P, KPAD)
+    valid = in_p[:, None] & (k[None, :] < 9)
+    pix = (y * s_ah + x * s_aw)[:, None]
+    a = tl.load(assignment + b * s_ab + k[None, :] * s_ak + pix, mask=valid, other=0.0).to(ACC)
+    pix = (y * s_gh + x * s_gw)[:, None]
+    g = tl.load(grad + b * s_gb + k[None, :] * s_gk + pix, mask=valid, other=0.0).to(ACC)
+    s = tl.load(scale).to(ACC)
+    denominator = EPS + tl.abs(s)
+    dz = a * (g - tl.sum(a * g, axis=1)[:, None])
+    log_a = tl.log(tl.where(a > 0, a, 1.0))
+    dz_z = tl.sum(tl.sum(dz * log_a, axis=1), axis=0)
+    sign = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0)).to(ACC)
+    tl.store(d_scale_partial + pid, -sign * dz_z / denominator)
+    ds = dz / denominator
+    if NEED_LOGITS:
+        pix = (y * s_lh + x * s_lw)[:, None]
         tl.store(
-            o_ptr[:, None] + c[None, :] * s_oc,
-            r.to(out.dtype.element_ty),
-            mask=in_p[:, None] & in_c[None, :],
+            d_logits + b * s_lb + k[None, :] * s_lk + pix,
+            ds.to(d_logits.dtype.element_ty),
+            mask=valid,
         )
+    if NEED_FINE:
+        _combine_candidates(
+            coarse, d_fine, ds, C, b, y, x, in_p, cy, cx, inside,
+            s_cb, s_cc, s_ch, s_cw, s_db, s_dc, s_dh, s_dw, BLOCK_C, ACC,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -342,3 +537,103 @@ def scatter(fine: torch.Tensor, weights: torch.Tensor, channels_last: bool) -> t
         ACC=_acc(fine.dtype),
     )
     return out
+
+
+ASSIGNMENT_BLOCK_P, ASSIGNMENT_BLOCK_C = 32, 16
+
+
+def assignment(fine: torch.Tensor, coarse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Eq. (3) in one kernel: A [B, 9, H, W] (contiguous), softmax over the candidates inside the
+    map of <fine, candidate> / (1e-8 + |scale|); candidates outside the map get exactly 0."""
+    b, c, hh, ww = fine.shape
+    h, w = coarse.shape[2:]
+    out = torch.empty((b, 9, hh, ww), dtype=assignment_dtype(fine.dtype), device=fine.device)
+    grid = b * triton.cdiv(hh * ww, ASSIGNMENT_BLOCK_P)
+    _launch(
+        _assignment_kernel,
+        grid,
+        fine.device,
+        fine,
+        coarse,
+        scale,
+        out,
+        c,
+        hh,
+        ww,
+        h,
+        w,
+        *fine.stride(),
+        *coarse.stride(),
+        *out.stride(),
+        EPS=EPS,
+        BLOCK_P=ASSIGNMENT_BLOCK_P,
+        BLOCK_C=_block_c(c, ASSIGNMENT_BLOCK_C),
+        KPAD=KPAD,
+        ACC=_acc(out.dtype),
+    )
+    return out
+
+
+def assignment_backward(
+    grad: torch.Tensor,
+    a: torch.Tensor,
+    fine: torch.Tensor,
+    coarse: torch.Tensor,
+    scale: torch.Tensor,
+    need: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``assignment`` (d fine, d coarse, d scale) from the upstream ``grad`` and the
+    saved assignment ``a``; those not in ``need`` (fine, coarse, scale) are empty tensors.
+
+    One kernel: the softmax backward, d fine and the per-program partial sums of d scale; then
+    one ``sum`` of the partials (deterministic, unlike atomics) and, for d coarse, ``scatter``.
+    """
+    need_fine, need_coarse, need_scale = need
+    b, c, hh, ww = fine.shape
+    h, w = coarse.shape[2:]
+    d_fine = _empty(fine, fine.shape, _is_channels_last(fine)) if need_fine else fine.new_empty(0)
+    d_logits = torch.empty_like(a, memory_format=torch.contiguous_format) if need_coarse else a
+    grid = b * triton.cdiv(hh * ww, ASSIGNMENT_BLOCK_P)
+    acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    partial = torch.empty(grid, dtype=acc_dtype, device=a.device)  # d s of each program
+    out_fine = d_fine if need_fine else a  # an unused pointer when not needed
+    _launch(
+        _assignment_backward_kernel,
+        grid,
+        fine.device,
+        grad,
+        a,
+        coarse,
+        scale,
+        out_fine,
+        d_logits,
+        partial,
+        c,
+        hh,
+        ww,
+        h,
+        w,
+        *grad.stride(),
+        *a.stride(),
+        *coarse.stride(),
+        *(d_fine.stride() if need_fine else (0, 0, 0, 0)),
+        *d_logits.stride(),
+        EPS=EPS,
+        NEED_FINE=need_fine,
+        NEED_LOGITS=need_coarse,
+        BLOCK_P=ASSIGNMENT_BLOCK_P,
+        BLOCK_C=_block_c(c, GATHER_BLOCK_C),
+        KPAD=KPAD,
+        ACC=_acc(a.dtype),
+    )
+    d_coarse = scatter(fine, d_logits, _is_channels_last(coarse)) if need_coarse else None
+    d_scale = partial.sum().to(scale.dtype).reshape(scale.shape) if need_scale else None
+    return (
+        d_fine,
+        coarse.new_empty(0) if d_coarse is None else d_coarse,
+        scale.new_empty(0) if d_scale is None else d_scale,
+    )
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
