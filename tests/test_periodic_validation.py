@@ -31,6 +31,7 @@ def config(data: Path, uri: str = ""):
         f"solver.iterations={ITERATIONS}",
         "solver.eval_every=2",
         "solver.log_every=1",
+        "solver.batch_size=2",
         "solver.checkpoint_every=2",
         f"tracking.uri={uri}" if uri else "tracking.enabled=false",
     ]
@@ -204,3 +205,49 @@ def test_negative_eval_every_is_refused(data, tmp_path):
     cfg.solver.eval_every = -5
     with pytest.raises(ConfigError, match=r"solver\.eval_every: -5"):
         train(cfg, tmp_path / "run", seed=0, info=info)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_validates_on_the_main_process_while_the_other_waits(
+    data, reference, tmp_path
+):
+    """gloo DDP, 2 processes: both finish (the waiting one in a barrier, not in a collective
+    that would time out), and the validations are logged once each."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from hcformer.config import to_dict
+
+    cfg, _ = config(data)  # data written by the reference run
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    run = tmp_path / "run"
+    common = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29600 + os.getpid() % 1000),
+    }
+    cmd = [sys.executable, "-m", "hcformer.cli", "train", "--config", str(path)]
+    cmd += ["--seed", "0", "--run-dir", str(run), "--no-progress"]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**common, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [i for i, _ in validations(run)] == [2, 4]
+    ref_run, _ = reference
+    # The same weights up to float summation order: the same scores within a little.
+    for (_, got), (_, ref) in zip(validations(run), validations(ref_run)):
+        assert got == pytest.approx(ref, abs=2.0)
