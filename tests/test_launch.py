@@ -386,3 +386,104 @@ def test_a_broken_pipe_elsewhere_is_not_swallowed(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "pipe-test", (module.__name__, "raises BrokenPipeError"))
     with pytest.raises(BrokenPipeError):
         cli.main(["pipe-test"])
+
+
+# --------------------------------------------------------------------------------------
+# `hcformer campaign`: a restart after the login side died keeps what finished.
+
+_TINY_SNAKEFILE = """
+rule run:
+    output: "results/runs/d/e/seed0/metrics.json"
+    shell: "echo $RANDOM > {output}.tmp && mv {output}.tmp {output} && sleep $(cat delay)"
+"""
+
+
+def _killed_campaign(work: Path, *launcher: str) -> Path:
+    """A tiny workflow whose rule writes metrics.json, then is killed (SIGKILL, whole session)
+    before Snakemake sees the rule end: Snakemake's lock and incomplete marker stay behind."""
+    work.mkdir()
+    (work / "Snakefile").write_text(_TINY_SNAKEFILE)
+    (work / "delay").write_text("60")
+    out = work / "results/runs/d/e/seed0/metrics.json"
+    proc = subprocess.Popen(
+        [*launcher, "--cores", "1", str(out.relative_to(work))],
+        cwd=work, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert out.exists() and any((work / ".snakemake" / "locks").iterdir())
+    assert any(p.is_file() for p in (work / ".snakemake" / "incomplete").rglob("*"))
+    (work / "delay").write_text("0")
+    return out
+
+
+HC = [sys.executable, "-m", "hcformer.cli"]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def test_the_cause_rerun_incomplete_redoes_a_finished_run(tmp_path):
+    """Why a restarted campaign evaluated finished runs again: their metrics.json is still
+    marked incomplete, and rerun-incomplete (the slurm profile's) deletes and remakes it."""
+    out = _killed_campaign(tmp_path / "w", SNAKEMAKE)
+    before = out.read_text(), out.stat().st_mtime_ns
+    subprocess.run([SNAKEMAKE, "--unlock"], cwd=tmp_path / "w", check=True, capture_output=True)
+    target = str(out.relative_to(tmp_path / "w"))
+    subprocess.run([SNAKEMAKE, "--cores", "1", "--rerun-incomplete", target], cwd=tmp_path / "w",
+                   check=True, capture_output=True)  # fmt: skip
+    assert out.stat().st_mtime_ns != before[1]
+
+
+def test_campaign_restart_unlocks_a_dead_campaign_and_keeps_finished_runs(tmp_path):
+    work = tmp_path / "w"
+    out = _killed_campaign(work, *HC, "campaign")
+    before = out.read_bytes(), out.stat().st_mtime_ns
+    cmd = [*HC, "campaign", "--cores", "1", "--rerun-incomplete", str(out.relative_to(work))]
+    again = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "removed Snakemake's lock left by the campaign of pid" in again.stderr
+    assert "1 finished runs kept" in again.stderr
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before  # not made again
+    assert not (work / ".snakemake" / "hcformer-campaign.json").exists()  # released at the end
+
+
+def test_campaign_never_unlocks_a_live_or_unknown_holder(tmp_path):
+    work = tmp_path / "w"
+    (work / ".snakemake" / "locks").mkdir(parents=True)
+    (work / ".snakemake" / "locks" / "0.output.lock").write_text("x")
+    out = subprocess.run([*HC, "campaign", "--cores", "1"], cwd=work, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "Snakemake's lock is held (no hcformer campaign)" in out.stderr
+    assert "`snakemake --unlock`" in out.stderr
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    (work / ".snakemake" / "hcformer-campaign.json").write_text(json.dumps(record))
+    out = subprocess.run([*HC, "campaign", "--cores", "1"], cwd=work, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 2
+    assert f"a campaign is running here (pid {os.getpid()}" in out.stderr
+    assert any((work / ".snakemake" / "locks").iterdir())  # left alone
+
+
+def test_a_finished_runs_deleted_metrics_are_put_back_not_made_again(engine, tmp_path, capsys):
+    """Snakemake deletes an output it redoes; a finished run's metrics.json comes back from its
+    hard link (same inode: same bytes) without training or evaluating again."""
+    results = tmp_path / "r"
+    assert _run(engine, results, "--seed", "0") == 0
+    run = _run_dir(results, 0)
+    metrics = run / "metrics.json"
+    before = metrics.read_bytes(), metrics.stat().st_ino
+    assert (run / ".metrics.json.keep").stat().st_ino == before[1]
+    metrics.unlink()
+    capsys.readouterr()
+    assert _run(engine, results, "--seed", "0") == 0
+    assert (metrics.read_bytes(), metrics.stat().st_ino) == before
+    assert len((run / "starts.txt").read_text().splitlines()) == 1  # trained once
+    assert "metrics.json of the finished run put back" in capsys.readouterr().err
+    (run / ".metrics.json.keep").unlink()  # without it, a deleted metrics.json is made again
+    metrics.unlink()
+    assert _run(engine, results, "--seed", "0") == 0
+    assert metrics.exists() and len((run / "starts.txt").read_text().splitlines()) == 2

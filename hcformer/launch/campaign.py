@@ -13,8 +13,13 @@
    starts and unmarks them when it sees the rule end. A run whose job finished while the login
    side was dead (or just before it died) has its ``metrics.json`` (written last, atomically:
    the run is complete) still marked, and ``rerun-incomplete`` would delete it and run the rule
-   again: a new job, a second evaluation. This command hands those files to
-   ``snakemake --cleanup-metadata`` first, so they count as done.
+   again: a new job, a second evaluation. This command hands every marked ``metrics.json`` to
+   ``snakemake --cleanup-metadata`` first (also those of runs still in flight, which may finish
+   while Snakemake starts), so they count as done.
+
+A run that finishes after Snakemake has decided to run its rule still has its metrics.json
+deleted by Snakemake before the rule starts; ``hcformer run`` then puts the same file back from
+its second name (``.metrics.json.keep``, a hard link) instead of submitting a job.
 
 Everything else is the run folders' job: each rerun ``hcformer run`` re-attaches to the job its
 ``job.json`` records (see ``hcformer.launch.run``). Only the standard library.
@@ -119,16 +124,18 @@ def _decode_marker(path: Path, root: Path) -> str | None:
         return None
 
 
-def complete_but_marked(workdir: Path) -> list[str]:
-    """Outputs named ``metrics.json`` that exist (the run is complete) and that Snakemake still
-    marks incomplete."""
+def marked_runs(workdir: Path) -> list[str]:
+    """Run outputs (``metrics.json``) that Snakemake marks incomplete. Each is written last and
+    atomically by its run's job: one that exists is complete; one that does not is simply
+    missing (its rule runs and re-attaches to the job), and may appear complete at any moment,
+    so its marker goes too."""
     root = workdir / ".snakemake" / "incomplete"
     found = []
     for marker in sorted(root.rglob("*")) if root.is_dir() else []:
         if not marker.is_file() or marker.name == "migration_underway":
             continue
         output = _decode_marker(marker, root)
-        if output and Path(output).name == METRICS_FILE and (workdir / output).is_file():
+        if output and Path(output).name == METRICS_FILE:
             found.append(output)
     return found
 
@@ -147,20 +154,21 @@ def main(argv: list[str]) -> int:
     done = unlock_if_dead(argv, workdir)
     if done:
         print(f"hcformer campaign: {done}", file=sys.stderr)
-    marked = complete_but_marked(workdir)
+    marked = marked_runs(workdir)
     if marked:
-        # Snakemake refuses files with no metadata record in its exit status, after clearing
-        # their markers: what counts is that no complete output is still marked afterwards.
+        # Snakemake reports files without a metadata record in its exit status after clearing
+        # their markers: what counts is that none is still marked afterwards.
         out = _snakemake(argv, workdir, "--cleanup-metadata", *marked)
-        left = set(complete_but_marked(workdir)) & set(marked)
+        left = set(marked_runs(workdir)) & set(marked)
         if left:
             raise HCFormerError(
-                f"snakemake --cleanup-metadata left {len(left)} complete outputs marked "
-                f"incomplete (e.g. {sorted(left)[0]}): {_last_line(out)}"
+                f"snakemake --cleanup-metadata left {len(left)} run outputs marked incomplete "
+                f"(e.g. {sorted(left)[0]}): {_last_line(out)}"
             )
+        finished = sum((workdir / m).is_file() for m in marked)
         print(
-            f"hcformer campaign: {len(marked)} finished runs kept (their metrics.json were "
-            "marked incomplete by the Snakemake that died)",
+            f"hcformer campaign: {finished} finished runs kept (Snakemake, which died, still "
+            f"marked their metrics.json incomplete); {len(marked) - finished} runs in flight",
             file=sys.stderr,
         )
     write_json_atomic(

@@ -30,7 +30,7 @@ from typing import Any
 import submitit
 
 from hcformer.errors import HCFormerError
-from hcformer.launch.runfolder import METRICS_FILE, read_json, update_job
+from hcformer.launch.runfolder import METRICS_FILE, keep_metrics, read_json, update_job
 
 HEARTBEAT_EVERY_S = 30.0
 SAVE_TIMEOUT_S = 60.0  # at most this long for the engine to save after a preemption signal
@@ -124,6 +124,7 @@ def run_one(spec: RunSpec, *, stopping: threading.Event | None = None) -> str:
                 raise JobFailed(f"{spec.label}: hcformer evaluate exited with status {code}")
             if not (run_dir / METRICS_FILE).exists():
                 raise JobFailed(f"{spec.label}: evaluation wrote no {run_dir / METRICS_FILE}")
+            keep_metrics(run_dir)
     except BaseException:
         if rank0 and not (stopping is not None and stopping.is_set()):
             with contextlib.suppress(OSError):

@@ -35,6 +35,7 @@ from hcformer.launch.runfolder import (
     locked,
     log_tail,
     read_job,
+    restore_metrics,
     update_job,
 )
 
@@ -282,6 +283,10 @@ def _run_submitted(
             print(
                 f"hcformer run: {spec.label}: re-attached to job {handle.job_id}", file=sys.stderr
             )
+        elif restore_metrics(run_dir) or (run_dir / METRICS_FILE).exists():
+            # The recorded job (read above) ended since metrics.json was looked for: done.
+            print(f"hcformer run: {spec.label}: up to date ({run_dir})", file=sys.stderr)
+            continue
         else:
             handle = _submit(args, spec, slurm, queue, commit)
         lock.note(job_id=handle.job_id, launcher=args.launcher)
@@ -332,6 +337,8 @@ def _run_submitted(
                 break
             time.sleep(1.0)
         if (run_dir / METRICS_FILE).exists():
+            # The job records ``done`` itself; one that found the run done already does not.
+            update_job(run_dir, state="done", state_from=("submitting", "submitted", "running"))
             continue
         failed += 1
         error = handle.error() or "the job ended without writing metrics.json"
@@ -354,6 +361,13 @@ def main(argv: list[str]) -> int:
     if args.poll_s is None:
         args.poll_s = 30.0 if args.scale == "paper" else 5.0
     specs = _specs(args)
+    for spec in specs:
+        if restore_metrics(Path(spec.run_dir)):
+            print(
+                f"hcformer run: {spec.label}: metrics.json of the finished run put back (it had "
+                "been deleted, e.g. by Snakemake redoing an output it marked incomplete)",
+                file=sys.stderr,
+            )
     todo = [s for s in specs if not (Path(s.run_dir) / METRICS_FILE).exists()]
     for spec in specs:
         if spec not in todo:

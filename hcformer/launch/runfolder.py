@@ -34,6 +34,10 @@ JOB_FILE = "job.json"
 LOCK_FILE = ".lock"
 JOB_LOCK_FILE = ".job.lock"
 METRICS_FILE = "metrics.json"
+# A second name (hard link) of a finished run's metrics.json: when Snakemake deletes the file to
+# run the rule again (an output it still marks incomplete after a crash), ``hcformer run`` puts
+# the same file back (same content, same inode) instead of evaluating the run again.
+METRICS_KEEP = ".metrics.json.keep"
 STALE_AFTER_S = 600.0  # a lock held from another host is stale when not refreshed for this long
 REFRESH_EVERY_S = 60.0
 
@@ -105,6 +109,30 @@ def append_job(run_dir: Path, key: str, item: dict[str, Any], **fields: Any) -> 
         data.update(fields)
         write_json_atomic(path, data)
     return data
+
+
+def keep_metrics(run_dir: Path) -> None:
+    """Give a finished run's ``metrics.json`` its second name ``METRICS_KEEP``."""
+    run_dir = Path(run_dir)
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / METRICS_KEEP).unlink()
+    with contextlib.suppress(OSError):  # a file system without hard links: no safety net
+        os.link(run_dir / METRICS_FILE, run_dir / METRICS_KEEP)
+
+
+def restore_metrics(run_dir: Path) -> bool:
+    """Put a finished run's ``metrics.json`` back from ``METRICS_KEEP`` when it was deleted;
+    True when it did."""
+    run_dir = Path(run_dir)
+    if (run_dir / METRICS_FILE).exists() or not (run_dir / METRICS_KEEP).exists():
+        return False
+    try:
+        os.link(run_dir / METRICS_KEEP, run_dir / METRICS_FILE)
+    except FileExistsError:
+        return False
+    except OSError:
+        return False
+    return True
 
 
 def pid_alive(pid: int) -> bool:
