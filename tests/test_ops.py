@@ -398,3 +398,66 @@ def test_ops_import_and_run_without_triton():
         "use_backend('triton'): triton is not installed",
         "torch",
     ]
+
+
+def test_fused_assignment_op_equals_reference_with_every_gradient():
+    # hcformer::local_assignment (eq. 3 whole; the Triton backend's path) computed by torch here
+    feat, coarse = _features(2, 3, 3, 5, seed=10)
+    scale = torch.tensor(-0.3, dtype=torch.float64)
+    upstream = torch.randn(2, 9, 6, 10, dtype=torch.float64)
+    got_leaves = [t.clone().requires_grad_(True) for t in (feat, coarse, scale)]
+    got = fast.local_assignment(*got_leaves)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (feat, coarse, scale)]
+    expected = reference.clustering(*ref_leaves)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for name, g, e in zip(
+        ("feat", "coarse", "scale"),
+        torch.autograd.grad(got, got_leaves, upstream),
+        torch.autograd.grad(expected, ref_leaves, upstream),
+    ):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    leaves = [t.detach().requires_grad_(True) for t in (feat[:1, :, :4, :4], coarse[:1, :, :2, :2])]
+    scale_ = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fast.local_assignment, (*leaves, scale_))
+
+
+def test_fused_assignment_op_flops_fake_and_meta():
+    feat, coarse = _features(2, 8, 3, 5, seed=11)
+    feat.requires_grad_(True)
+    coarse.requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        a = fast.local_assignment(feat, coarse, torch.tensor(0.1, dtype=torch.float64))
+    assert counter.get_total_flops() == 2 * ops.clustering_macs(2, 8, 6, 10)
+    with FlopCounterMode(display=False) as counter:
+        a.sum().backward()
+    assert counter.get_total_flops() == 4 * ops.clustering_macs(2, 8, 6, 10)  # d feat, d coarse
+    with FakeTensorMode():
+        a = fast.local_assignment(
+            torch.empty(1, 8, 6, 10, dtype=torch.float16),
+            torch.empty(1, 8, 3, 5, dtype=torch.float16),
+            torch.tensor(0.1),
+        )
+        assert a.shape == (1, 9, 6, 10) and a.dtype == torch.float32  # as masked_logits promotes
+    leaves = [
+        torch.empty(s, device="meta", requires_grad=True) for s in ((1, 4, 6, 10), (1, 4, 3, 5))
+    ]
+    scale = torch.empty((), device="meta", requires_grad=True)
+    fast.local_assignment(*leaves, scale).sum().backward()
+    assert leaves[0].grad.shape == (1, 4, 6, 10) and scale.grad.shape == ()
+
+
+def test_cpu_clustering_keeps_the_similarity_and_torch_softmax():
+    # the fused op is the Triton backend's; the CPU fast path runs the same ops as before it
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen: list[str] = []
+    feat, coarse = _features(1, 3, 2, 3, seed=12)
+    with Ops():
+        ops.clustering(feat, coarse, torch.tensor(0.2, dtype=torch.float64))
+    assert "hcformer.local_similarity.default" in seen and "aten._softmax.default" in seen
+    assert not any("local_assignment" in op for op in seen)

@@ -24,8 +24,9 @@ and eq. (3) itself, fused (``hcformer::local_assignment`` of ``hcformer.ops.fast
   d s uses z = log a + const (sum_k dz_k = 0 for a softmax), so the logits are not recomputed.
 
 Each kernel is one pass: a program owns a tile of fine pixels (``scatter``: of coarse cells) of
-one image, loads the tile's weights once and loops over the channels in blocks, reading every
-fine value once and the 3x3 coarse neighbourhoods through the cache, and writes its outputs once.
+one image and loops over the channels in blocks, reading every fine value once and the 3x3
+coarse neighbourhoods (and, in ``gather`` and ``scatter``, the weights of each channel block after
+the first) through the cache, and writes its outputs once.
 Loads and stores use the tensors' strides (NCHW, channels-last or any view: no copies), with
 masks on every access; the zero padding of the coarse map is a load mask. Accumulation is in
 float32 (float64 for float64 inputs); half-precision inputs are read as they are and the results
@@ -45,12 +46,17 @@ import triton.language as tl
 
 from hcformer.ops.reference import EPS, assignment_dtype
 
-# Tile sizes (powers of two). The candidate axis is padded from 9 to KPAD lanes (masked).
+# Tiles (powers of two): (pixels or coarse cells, channels per step, warps), each the fastest of
+# a sweep over {32, 64, 128} x {8, 16, 32} x {4, 8} (gather: {64, 128, 256} x {4..32} x {4, 8})
+# on an H200 at the stride-4 map of an 800x1216 image (fine 200x304, C 128 / 100, float32).
+# The candidate axis is padded from 9 to KPAD lanes (masked) where it is a tensor axis.
 KPAD = 16
-SIMILARITY_BLOCK_P, SIMILARITY_BLOCK_C = 32, 16  # fine pixels x channels per step
-GATHER_BLOCK_P, GATHER_BLOCK_C = 32, 16
-SCATTER_BLOCK_M, SCATTER_BLOCK_C = 32, 32  # coarse cells x channels (x 4 children)
-NUM_WARPS = 4
+SIMILARITY_TILE = (64, 8, 4)
+GATHER_TILE = (256, 8, 4)  # output NCHW: many pixels, few channels per step
+GATHER_TILE_CHANNELS_LAST = (64, 16, 8)
+SCATTER_TILE = (128, 16, 8)
+ASSIGNMENT_TILE = (32, 16, 4)
+ASSIGNMENT_BACKWARD_TILE = (32, 32, 8)
 
 
 @triton.jit
@@ -216,19 +222,39 @@ def _gather_kernel(
     s_ow,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    KPAD: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    b, y, x, in_p, k, cy, cx, inside = _neighbourhood(tl.program_id(0), H, W, h, w, BLOCK_P, KPAD)
-    wk = tl.load(
-        weights + b * s_wb + k[None, :] * s_wk + (y * s_wh + x * s_ww)[:, None],
-        mask=in_p[:, None] & (k[None, :] < 9),
-        other=0.0,
-    ).to(ACC)
-    _combine_candidates(
-        src, out, wk, C, b, y, x, in_p, cy, cx, inside,
-        s_sb, s_sc, s_sh, s_sw, s_ob, s_oc, s_oh, s_ow, BLOCK_C, ACC,
-    )  # fmt: skip
+    # The 9 candidates one after the other on [pixels, channels] tiles (no padded candidate
+    # axis); each weight is re-read per channel block, from the cache.
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    pid = tl.program_id(0)
+    b = (pid // blocks).to(tl.int64)
+    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_p = p < H * W
+    y = p // W
+    x = p % W
+    w_ptr = weights + b * s_wb + y * s_wh + x * s_ww  # [P]
+    o_ptr = out + b * s_ob + y * s_oh + x * s_ow  # [P]
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        in_c = c < C
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        for k in tl.static_range(9):
+            cy = y // 2 + (k // 3 - 1)
+            cx = x // 2 + (k % 3 - 1)
+            ok = in_p & (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
+            wk = tl.load(w_ptr + k * s_wk, mask=in_p, other=0.0).to(ACC)
+            q = tl.load(
+                src + b * s_sb + (cy * s_sh + cx * s_sw)[:, None] + c[None, :] * s_sc,
+                mask=ok[:, None] & in_c[None, :],
+                other=0.0,
+            )
+            acc += wk[:, None] * q.to(ACC)
+        tl.store(
+            o_ptr[:, None] + c[None, :] * s_oc,
+            acc.to(out.dtype.element_ty),
+            mask=in_p[:, None] & in_c[None, :],
+        )
 
 
 @triton.jit
@@ -425,9 +451,10 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 def _launch(kernel, grid: int, device: torch.device, *args, **meta) -> None:
     if grid == 0:
         return
+    num_warps = meta.pop("num_warps")
     if device.type == "cuda" and not INTERPRETED:
         with torch.cuda.device(device):
-            kernel[(grid,)](*args, **meta, num_warps=NUM_WARPS)
+            kernel[(grid,)](*args, **meta, num_warps=num_warps)
         return
     if not INTERPRETED:
         raise RuntimeError(
@@ -455,8 +482,8 @@ def similarity(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     b, c, hh, ww = fine.shape
     h, w = coarse.shape[2:]
     out = torch.empty((b, 9, hh, ww), dtype=fine.dtype, device=fine.device)
-    block_c = _block_c(c, SIMILARITY_BLOCK_C)
-    grid = b * triton.cdiv(hh * ww, SIMILARITY_BLOCK_P)
+    block_p, block_c, warps = SIMILARITY_TILE
+    grid = b * triton.cdiv(hh * ww, block_p)
     _launch(
         _similarity_kernel,
         grid,
@@ -472,10 +499,11 @@ def similarity(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         *fine.stride(),
         *coarse.stride(),
         *out.stride(),
-        BLOCK_P=SIMILARITY_BLOCK_P,
-        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        BLOCK_C=_block_c(c, block_c),
         KPAD=KPAD,
         ACC=_acc(fine.dtype),
+        num_warps=warps,
     )
     return out
 
@@ -485,8 +513,8 @@ def gather(src: torch.Tensor, weights: torch.Tensor, channels_last: bool) -> tor
     b, c, h, w = src.shape
     hh, ww = weights.shape[2:]
     out = _empty(src, (b, c, hh, ww), channels_last)
-    block_c = _block_c(c, GATHER_BLOCK_C)
-    grid = b * triton.cdiv(hh * ww, GATHER_BLOCK_P)
+    block_p, block_c, warps = GATHER_TILE_CHANNELS_LAST if channels_last else GATHER_TILE
+    grid = b * triton.cdiv(hh * ww, block_p)
     _launch(
         _gather_kernel,
         grid,
@@ -502,10 +530,10 @@ def gather(src: torch.Tensor, weights: torch.Tensor, channels_last: bool) -> tor
         *src.stride(),
         *weights.stride(),
         *out.stride(),
-        BLOCK_P=GATHER_BLOCK_P,
-        BLOCK_C=block_c,
-        KPAD=KPAD,
+        BLOCK_P=block_p,
+        BLOCK_C=_block_c(c, block_c),
         ACC=_acc(src.dtype),
+        num_warps=warps,
     )
     return out
 
@@ -515,8 +543,8 @@ def scatter(fine: torch.Tensor, weights: torch.Tensor, channels_last: bool) -> t
     b, c, hh, ww = fine.shape
     h, w = hh // 2, ww // 2
     out = _empty(fine, (b, c, h, w), channels_last)
-    block_c = _block_c(c, SCATTER_BLOCK_C)
-    grid = b * triton.cdiv(h * w, SCATTER_BLOCK_M)
+    block_m, block_c, warps = SCATTER_TILE
+    grid = b * triton.cdiv(h * w, block_m)
     _launch(
         _scatter_kernel,
         grid,
@@ -532,14 +560,12 @@ def scatter(fine: torch.Tensor, weights: torch.Tensor, channels_last: bool) -> t
         *fine.stride(),
         *weights.stride(),
         *out.stride(),
-        BLOCK_M=SCATTER_BLOCK_M,
-        BLOCK_C=block_c,
+        BLOCK_M=block_m,
+        BLOCK_C=_block_c(c, block_c),
         ACC=_acc(fine.dtype),
+        num_warps=warps,
     )
     return out
-
-
-ASSIGNMENT_BLOCK_P, ASSIGNMENT_BLOCK_C = 32, 16
 
 
 def assignment(fine: torch.Tensor, coarse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -548,7 +574,8 @@ def assignment(fine: torch.Tensor, coarse: torch.Tensor, scale: torch.Tensor) ->
     b, c, hh, ww = fine.shape
     h, w = coarse.shape[2:]
     out = torch.empty((b, 9, hh, ww), dtype=assignment_dtype(fine.dtype), device=fine.device)
-    grid = b * triton.cdiv(hh * ww, ASSIGNMENT_BLOCK_P)
+    block_p, block_c, warps = ASSIGNMENT_TILE
+    grid = b * triton.cdiv(hh * ww, block_p)
     _launch(
         _assignment_kernel,
         grid,
@@ -566,10 +593,11 @@ def assignment(fine: torch.Tensor, coarse: torch.Tensor, scale: torch.Tensor) ->
         *coarse.stride(),
         *out.stride(),
         EPS=EPS,
-        BLOCK_P=ASSIGNMENT_BLOCK_P,
-        BLOCK_C=_block_c(c, ASSIGNMENT_BLOCK_C),
+        BLOCK_P=block_p,
+        BLOCK_C=_block_c(c, block_c),
         KPAD=KPAD,
         ACC=_acc(out.dtype),
+        num_warps=warps,
     )
     return out
 
@@ -593,7 +621,8 @@ def assignment_backward(
     h, w = coarse.shape[2:]
     d_fine = _empty(fine, fine.shape, _is_channels_last(fine)) if need_fine else fine.new_empty(0)
     d_logits = torch.empty_like(a, memory_format=torch.contiguous_format) if need_coarse else a
-    grid = b * triton.cdiv(hh * ww, ASSIGNMENT_BLOCK_P)
+    block_p, block_c, warps = ASSIGNMENT_BACKWARD_TILE
+    grid = b * triton.cdiv(hh * ww, block_p)
     acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     partial = torch.empty(grid, dtype=acc_dtype, device=a.device)  # d s of each program
     out_fine = d_fine if need_fine else a  # an unused pointer when not needed
@@ -621,10 +650,11 @@ def assignment_backward(
         EPS=EPS,
         NEED_FINE=need_fine,
         NEED_LOGITS=need_coarse,
-        BLOCK_P=ASSIGNMENT_BLOCK_P,
-        BLOCK_C=_block_c(c, GATHER_BLOCK_C),
+        BLOCK_P=block_p,
+        BLOCK_C=_block_c(c, block_c),
         KPAD=KPAD,
         ACC=_acc(a.dtype),
+        num_warps=warps,
     )
     d_coarse = scatter(fine, d_logits, _is_channels_last(coarse)) if need_coarse else None
     d_scale = partial.sum().to(scale.dtype).reshape(scale.shape) if need_scale else None
