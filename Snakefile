@@ -6,7 +6,8 @@
 
 run(experiment, seed) -> aggregate(table) -> table / figure -> report; profile(table) for
 params, GFLOPs and latency. Targets: all_tables, table_<id> for each paper table, figures,
-report. Each scale writes under results/<scale>/. See docs/pipeline.md.
+report, and snapshot (every table from the runs finished so far, waiting for none; also made
+when a job fails). Each scale writes under results/<scale>/. See docs/pipeline.md.
 """
 
 import yaml
@@ -39,6 +40,7 @@ include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/snapshot.smk"
 
 
 localrules:

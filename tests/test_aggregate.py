@@ -17,7 +17,7 @@ import yaml
 
 from hcformer import cli
 from hcformer.analysis.aggregate import read_cells, table_cells
-from hcformer.experiments import load_table
+from hcformer.experiments import all_experiments, load_table, load_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,3 +211,105 @@ def test_cells_function_marks_skipped_parts_not_built(tmp_path):
         table, {}, [0, 1, 2], {}, skipped={r.runs[0].experiment_id for r in table.rows}
     )
     assert {c["status"] for c in cells if c["kind"] == "metric"} == {"not_built"}
+
+
+# --------------------------------------------------------------------------------------
+# Snapshots: every table from the runs finished so far.
+
+TABLE5 = [row.runs[0].experiment_id for row in load_table("table5").rows]  # L0, L1, L2, L3
+
+
+def campaign_tree(results: Path) -> dict[str, Path]:
+    """Table 5 mid-campaign: L0 seeds 0 and 1 done (pq 40, 44), seed 2 failed (job.json says so,
+    its log says why); L1 seed 0 running (its local process is this one), seeds 1-2 not started;
+    L2 seed 0 failed, seeds 1-2 not started; L3 not started."""
+    import os
+    import socket
+
+    for seed, pq in ((0, 40.0), (1, 44.0)):
+        write_run(results, TABLE5[0], seed, {"pq": pq})
+    failed = {}
+    for exp, seed in ((TABLE5[0], 2), (TABLE5[2], 0)):
+        run = write_run(results, exp, seed, None)
+        (run / "job.json").write_text(json.dumps({"state": "failed", "launcher": "inline"}))
+        log = results / "logs" / "run" / exp / f"seed{seed}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("hcformer train: it 4/6\nhcformer run: error: loss_dice is nan\n")
+        failed[exp] = run
+    run = write_run(results, TABLE5[1], 0, None)
+    job = {"state": "running", "launcher": "inline", "pid": os.getpid()}
+    (run / "job.json").write_text(json.dumps({**job, "host": socket.gethostname()}))
+    return {"running": run, **failed}
+
+
+def pq_cells(path: Path) -> dict[str, dict]:
+    return {c["row"]: c for c in read_cells(path) if c["column"] == "pq"}
+
+
+def test_snapshot_takes_the_seeds_that_finished_and_marks_the_rest(tmp_path, capsys):
+    results = tmp_path / "smoke"
+    tree = campaign_tree(results)
+    argv = ["aggregate", "--results", str(results), "--scale", "smoke", "--snapshot"]
+    assert cli.main(argv) == 0
+    total = 3 * len(all_experiments("smoke"))
+    counts = f"2 of {total} runs done (1 running, 2 failed, {total - 5} missing)"
+    assert counts in capsys.readouterr().out
+    snap = results / "snapshot"
+    labels = [row.label for row in load_table("table5").rows]
+    cells = pq_cells(snap / "aggregate" / "table5.csv")
+    l0, l1, l2, l3 = (cells[label] for label in labels)
+    assert (l0["status"], l0["ours"], l0["n"], l0["n_expected"]) == ("partial", 42.0, 2, 3)
+    assert [r["status"] for r in l0["runs"]] == ["done", "done", "failed"]
+    assert l0["runs"][2]["reason"] == "job.json: state failed"
+    assert l0["runs"][2]["log"].endswith(f"logs/run/{TABLE5[0]}/seed2.log")
+    assert (l1["status"], l1["ours"]) == ("running", None)
+    assert str(__import__("os").getpid()) in l1["runs"][0]["reason"]
+    assert (l2["status"], l3["status"]) == ("failed", "missing")
+
+    tex = (snap / "tables" / "table5.tex").read_text()
+    row = {ln.split(" & ")[0]: ln for ln in tex.splitlines() if " & " in ln}
+    assert "42.0$^\\ddagger$" in row["HCFormer R50 L0"]  # the median of the two finished
+    assert "\\textit{running}" in row["HCFormer R50 L1"]
+    assert "\\textit{failed}" in row["HCFormer R50 L2"]
+    assert "\\textit{missing}" in row["HCFormer R50 L3"]
+    assert "another seed failed" in tex and "a run failed and no seed has finished" in tex
+    prov = json.loads((snap / "provenance" / "table5.json").read_text())
+    assert prov["snapshot"]["runs"] == {"done": 2, "failed": 2, "running": 1, "missing": 7}
+    readme = (snap / "README.md").read_text()
+    assert "A snapshot of the campaign" in readme
+    assert f"(2 of {total} runs done, 1 running, 2 failed, {total - 5} not started;" in readme
+    assert "| HCFormer R50 L0 | 0 | 42.0‡ (41.9)" in readme
+    assert "*running* (45.6)" in readme and "*failed* (46.7)" in readme
+    for name in ("macros.tex", "runs.csv", "summary.csv", "figures/table5.pdf"):
+        assert (snap / name).is_file(), name
+    assert all((snap / "tables" / f"{t.id}.tex").is_file() for t in load_tables())
+    states = [x["status"] for x in csv.DictReader((snap / "runs.csv").open())]
+    assert (states.count("done"), states.count("failed"), states.count("running")) == (2, 2, 1)
+    assert not (results / "tables").exists() and not (results / "aggregate").exists()
+
+    # One more run finishes, the failed one is resumed and finishes: the numbers follow.
+    (tree["running"] / "metrics.json").write_text(json.dumps({"pq": 50.0}))
+    (tree[TABLE5[0]] / "metrics.json").write_text(json.dumps({"pq": 47.0}))
+    assert cli.main(argv) == 0
+    cells = pq_cells(snap / "aggregate" / "table5.csv")
+    l0, l1 = cells[labels[0]], cells[labels[1]]
+    assert (l0["status"], l0["ours"], l0["n"]) == ("ok", 44.0, 3)
+    assert (l1["status"], l1["ours"], l1["n"]) == ("partial", 50.0, 1)
+    tex = (snap / "tables" / "table5.tex").read_text()
+    assert "50.0$^\\dagger$" in tex and "ddagger" not in tex
+
+
+def test_one_table_that_cannot_be_built_blocks_no_other(tmp_path, capsys):
+    results = tmp_path / "smoke"
+    campaign_tree(results)
+    (results / "profile").mkdir(parents=True)
+    (results / "profile" / "table6.json").write_text("{not json")
+    argv = ["aggregate", "--results", str(results), "--scale", "smoke", "--snapshot"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"snapshot: table6: HCFormerError: {results}/profile/table6.json: not valid JSON" in err
+    snap = results / "snapshot"
+    built = {p.stem for p in (snap / "tables").glob("*.tex")}
+    assert built == {t.id for t in load_tables()} - {"table6"}
+    assert "\\hcTableFiveHCFormerRFiveZeroLZeroPqOurs}{42.0}" in (snap / "macros.tex").read_text()
+    assert "### table6: " in (snap / "README.md").read_text()

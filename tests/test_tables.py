@@ -157,8 +157,8 @@ METRICS = {
 @pytest.fixture(scope="module")
 def every_table(tmp_path_factory):
     """Every table from a fake tree at its widest: COCO's -1 for AP_S (the smoke images have no
-    small objects), a run missing in each table, a seed missing (daggers), four-digit profile
-    numbers with four-digit differences."""
+    small objects), a run missing in each table, a seed whose folder has no metrics and no live
+    job (failed: double daggers), four-digit profile numbers with four-digit differences."""
     results = tmp_path_factory.mktemp("tables") / "smoke"
     ids = []
     for table in load_tables():
@@ -197,7 +197,7 @@ def test_coco_no_object_is_a_dash_and_every_minus_is_a_math_minus(every_table):
     assert "\\newcommand{\\hcTableTwoHCFormerRFiveZeroApSDiff}{--}" in macros
     assert "\\newcommand{\\hcTableTwoHCFormerRFiveZeroApSPaper}{16.7}" in macros
     assert "\\newcommand{\\hcTableTwoHCFormerRFiveZeroGflopsPaper}{87}" in macros
-    number = re.compile(r"^(--|[+]?(\\ensuremath\{-\})?\d+(\.\d+)?(\$\^\\dagger\$)?)$")
+    number = re.compile(r"^(--|[+]?(\\ensuremath\{-\})?\d+(\.\d+)?(\$\^\\d?dagger\$)?)$")
     for table in ids:
         cells = _numbers_of((results / "tables" / f"{table}.tex").read_text())
         for cell in cells:
@@ -241,3 +241,19 @@ def test_every_table_fits_a_two_column_paper(every_table, tmp_path):
     assert (float(column), float(text)) == (COLUMN_PT, TEXT_PT)
     overfull = [float(w) for w in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", log)]
     assert not [w for w in overfull if w > 2.0], overfull
+
+
+def test_the_results_readme_shows_coco_no_object_as_the_tables_do(every_table):
+    """COCO's -1 (-100 in percent: no object of this size) is an en dash with a note in the
+    results README too, never -100.0; and it takes no part in the ablations' orderings."""
+    results, _ = every_table
+    assert cli.main(["report", "--results", str(results), "--scale", "smoke"]) == 0
+    readme = (results / "README.md").read_text()
+    assert "-100" not in readme
+    table2 = readme.split("### table2:")[1].split("###")[0]
+    lines = table2.strip().splitlines()
+    ap_s = next(ln for ln in lines if ln.startswith("| row |")).split(" | ").index("ap_s")
+    (ours,) = [ln for ln in lines if ln.startswith("| HCFormer R50 | ")]
+    assert ours.split(" | ")[ap_s] == "– (16.7)"  # ours: COCO's -1; the paper's 16.7
+    assert ours.split(" | ")[ap_s - 1] == "37.4‡ (37.4)"  # AP: a seed of it failed
+    assert "– (AP): no object of this size in the evaluation images (COCO's -1)." in table2

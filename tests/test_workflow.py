@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hcformer.experiments import all_experiments, experiments_for_table, load_tables
+from hcformer.experiments import all_experiments, experiments_for_table, load_table, load_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -276,3 +276,88 @@ def test_paper_inputs_are_checked_before_anything_is_submitted(tmp_path):
         (weights / f"{name}.safetensors").write_bytes(b"")
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def _files(root: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_snapshot_target_reads_the_run_folders_and_submits_nothing(tmp_path):
+    """`snakemake snapshot` depends on no run: a dry run plans it alone, it runs beside a
+    campaign's Snakemake (whose lock covers every run and table file), builds every table from
+    a tree of done, failed, running and missing runs (failed cells marked), and a second call
+    after one more run finishes takes that run in."""
+    from test_aggregate import TABLE5, campaign_tree, pq_cells
+
+    results = tmp_path / "results"
+    root = results / "smoke"
+    tree = campaign_tree(root)
+    config = ("--config", f"results={results}")
+    dry = snakemake("-n", "-p", "--cores", "1", "snapshot", *config)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    text = dry.stdout + dry.stderr
+    assert job_counts(text) == Counter({"snapshot": 1, "total": 1}) and "hcformer run" not in text
+    assert f"--snapshot {root}/snapshot" in text
+
+    runs = [f"{root}/runs/{e}/seed{s}/metrics.json" for e in all_experiments("smoke")
+            for s in (0, 1, 2)]  # fmt: skip
+    held = runs + [f"{root}/tables/{t.id}.tex" for t in load_tables()] + [f"{root}/mlflow.ready"]
+    locks = WORK / ".snakemake" / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    (locks / "0.output.lock").write_text("\n".join(held) + "\n")
+    (locks / "0.input.lock").write_text(f"{root}/data/coco_panoptic.ok\n")
+    before = _files(root / "runs")
+    try:
+        refused = snakemake("--cores", "1", *config, "--", f"{root}/mlflow.ready")
+        assert "Directory cannot be locked" in refused.stdout + refused.stderr  # a real lock
+        out = snakemake("--cores", "1", "snapshot", *config)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "rule run:" not in out.stdout + out.stderr
+        assert (locks / "0.output.lock").read_text().split() == held  # the campaign's lock stays
+        assert _files(root / "runs") == before  # no run folder touched
+        assert not (root / "mlflow.ready").exists() and not (root / "tables").exists()
+        snap = root / "snapshot"
+        for name in ("README.md", "macros.tex", "runs.csv", "figures/table5.pdf"):
+            assert (snap / name).is_file(), name
+        assert (snap / "tables.pdf").is_file() == (shutil.which("pdflatex") is not None)
+        for table in load_tables():
+            assert (snap / "tables" / f"{table.id}.tex").is_file()
+            assert (snap / "provenance" / f"{table.id}.json").is_file()
+        labels = [row.label for row in load_table("table5").rows]
+        cells = pq_cells(snap / "aggregate" / "table5.csv")
+        assert [cells[label]["status"] for label in labels] == [
+            "partial", "running", "failed", "missing",
+        ]  # fmt: skip
+        assert cells[labels[0]]["ours"] == 42.0
+        assert "\\textit{failed}" in (snap / "tables" / "table5.tex").read_text()
+
+        (tree["running"] / "metrics.json").write_text('{"pq": 50.0}')
+        out = snakemake("--cores", "1", "snapshot", *config)
+        assert out.returncode == 0, out.stderr[-3000:]
+        cells = pq_cells(snap / "aggregate" / "table5.csv")
+        assert (cells[labels[1]]["status"], cells[labels[1]]["ours"]) == ("partial", 50.0)
+        assert TABLE5[1] in (snap / "runs.csv").read_text()
+    finally:
+        for name in ("0.output.lock", "0.input.lock"):
+            (locks / name).unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_a_failed_job_leaves_a_snapshot_of_every_table(tmp_path):
+    """A workflow with runs to do that ends with a failed job (here the paper scale's input
+    check, before anything is submitted) makes a snapshot on its way out, and still fails."""
+    from test_aggregate import campaign_tree, pq_cells
+
+    results = tmp_path / "results"
+    campaign_tree(results / "paper")
+    target = f"{results}/paper/runs/ade20k/hcformer-r50-L3-D8-Q100/seed0/metrics.json"
+    out = snakemake("--cores", "1", "--config", "scale=paper", f"results={results}", "--", target)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "Error in rule data" in text
+    snap = results / "paper" / "snapshot"
+    assert f"(failed cells marked): {snap}/README.md" in text
+    cells = pq_cells(snap / "aggregate" / "table5.csv")
+    label = load_table("table5").rows[2].label
+    assert cells[label]["status"] == "failed"
+    assert "A snapshot of the campaign" in (snap / "README.md").read_text()

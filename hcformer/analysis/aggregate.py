@@ -10,11 +10,16 @@ Outputs:
 
 - a table's cells (``--table T --out F.csv``), long form: one line per (row, column) with the
   paper's value, ours (the median over seeds), min, max, n of n_expected seeds, the difference,
-  a status (``ok``, ``partial``, ``missing``, ``failed``, ``quoted``, ``setting``, ``not_built``)
-  and the runs it came from (JSON: experiment, seed, value, MLflow run id, git commit);
+  a status (``ok``, ``partial``, ``running``, ``failed``, ``missing``, ``no_metric``,
+  ``quoted``, ``setting``, ``not_built``) and the runs it came from (JSON: experiment, seed,
+  status, value, MLflow run id, git commit);
 - ``runs.csv`` (every expected run, done or not) and ``summary.csv`` (median, min, max, n per
-  experiment and metric) with ``--runs-csv`` / ``--summary-csv``.
+  experiment and metric) with ``--runs-csv`` / ``--summary-csv``;
+- with ``--snapshot DIR``, all of it and every table, figure and README at once from whatever
+  has finished (:mod:`hcformer.analysis.snapshot`).
 
+A run is done, running, failed or missing as ``hcformer status`` says
+(:func:`hcformer.analysis.status.run_state`, one scheduler query for all pending SLURM jobs).
 Missing runs are marked, never dropped.
 """
 
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hcformer.analysis.status import run_state, slurm_states
 from hcformer.errors import HCFormerError
 
 PROFILE_COLUMNS = ("params_m", "gflops", "latency_ms")
@@ -69,6 +75,8 @@ class RunRecord:
     git_commit: str = ""
     mlflow_run_id: str = ""
     job_id: str = ""
+    reason: str = ""  # why failed / what runs it (hcformer status's words)
+    log: str = ""  # a failed run's log
 
     def provenance(self, metric: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -81,6 +89,10 @@ class RunRecord:
         }
         if metric is not None:
             out["value"] = self.metrics.get(metric)
+        if self.status in ("failed", "running"):
+            out["reason"] = self.reason
+        if self.status == "failed" and self.log:
+            out["log"] = self.log
         return out
 
 
@@ -102,21 +114,28 @@ def _numbers(data: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def read_run(results: Path, experiment: str, seed: int) -> RunRecord:
-    """The record of ``<results>/runs/<experiment>/seed<seed>`` (status ``missing`` if absent)."""
+# hcformer status's states -> a record's.
+RUN_STATES = {"done": "done", "running": "running", "failed": "failed", "not_started": "missing"}
+
+
+def read_run(
+    results: Path,
+    experiment: str,
+    seed: int,
+    slurm: dict[str, str] | None = None,
+    slurm_asked: bool = False,
+) -> RunRecord:
+    """The record of ``<results>/runs/<experiment>/seed<seed>``: ``done`` (``metrics.json``),
+    ``running`` (a live job owns the folder), ``failed`` (no live job: ``job.json`` says failed,
+    an error marker, or a job gone without ``metrics.json``) or ``missing`` (no folder), as
+    ``hcformer status`` decides; ``slurm``: the states of the recorded SLURM jobs
+    (:func:`hcformer.analysis.status.slurm_states`)."""
     run_dir = Path(results) / "runs" / experiment / f"seed{seed}"
-    metrics_path = run_dir / "metrics.json"
-    job = _read_json(run_dir / "job.json")
-    info = _read_json(run_dir / "run.json")
-    if metrics_path.exists():
-        status = "done"
-    elif job.get("state") == "failed" or (run_dir / "error.txt").exists():
-        status = "failed"
-    elif run_dir.exists():
-        status = "running"
-    else:
-        status = "missing"
-    metrics = _numbers(_read_json(metrics_path)) if status == "done" else {}
+    state = run_state(Path(results), experiment, seed, slurm or {}, slurm_asked)
+    status = RUN_STATES[state.state]
+    job = _read_json(run_dir / "job.json") if status != "missing" else {}
+    info = _read_json(run_dir / "run.json") if status != "missing" else {}
+    metrics = _numbers(_read_json(run_dir / "metrics.json")) if status == "done" else {}
     commit = str(info.get("git_commit") or job.get("git_commit") or "")
     return RunRecord(
         experiment=experiment,
@@ -127,7 +146,26 @@ def read_run(results: Path, experiment: str, seed: int) -> RunRecord:
         git_commit=commit,
         mlflow_run_id=str(info.get("mlflow_run_id") or ""),
         job_id=str(job.get("job_id") or ""),
+        reason=state.reason,
+        log=state.log,
     )
+
+
+def pending_slurm_jobs(results: Path, experiments: list[str], seeds: list[int]) -> list[str]:
+    """The SLURM job ids recorded in the folders of the runs that have no ``metrics.json``."""
+    ids = []
+    for experiment in experiments:
+        for seed in seeds:
+            run_dir = Path(results) / "runs" / experiment / f"seed{seed}"
+            if (run_dir / "metrics.json").is_file() or not run_dir.is_dir():
+                continue
+            try:
+                job = json.loads((run_dir / "job.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(job, dict) and job.get("launcher") == "slurm" and job.get("job_id"):
+                ids.append(str(job["job_id"]))
+    return ids
 
 
 def mlflow_run_ids(uri: str, scale: str, datasets: set[str]) -> dict[str, str]:
@@ -135,6 +173,11 @@ def mlflow_run_ids(uri: str, scale: str, datasets: set[str]) -> dict[str, str]:
     (``{}`` when the store cannot be read: provenance then says so)."""
     if not uri:
         return {}
+    from hcformer.tracking.store import local_path
+
+    path = local_path(uri)
+    if path is not None and not path.exists():
+        return {}  # no store yet (nothing synced): opening it would create it
     try:
         from hcformer.tracking.store import client
         from hcformer.tracking.tracker import experiment_name
@@ -167,11 +210,13 @@ def collect_runs(
     seeds: list[int],
     mlflow_ids: dict[str, str] | None = None,
 ) -> dict[tuple[str, int], RunRecord]:
-    """Every expected (experiment, seed) run, found or not."""
+    """Every expected (experiment, seed) run, found or not (the scheduler is asked once, for
+    the pending SLURM jobs only)."""
+    slurm, asked = slurm_states(pending_slurm_jobs(results, experiments, seeds))
     out = {}
     for experiment in experiments:
         for seed in seeds:
-            record = read_run(results, experiment, seed)
+            record = read_run(results, experiment, seed, slurm, asked)
             if not record.mlflow_run_id and mlflow_ids:
                 record.mlflow_run_id = mlflow_ids.get(str(record.run_dir.resolve()), "")
             out[(experiment, seed)] = record
@@ -337,6 +382,8 @@ def table_cells(
                         cell["status"] = "no_metric"  # the runs finished but do not report it
                     elif any(r is not None and r.status == "failed" for r in records):
                         cell["status"] = "failed"
+                    elif any(r is not None and r.status == "running" for r in records):
+                        cell["status"] = "running"
                     else:
                         cell["status"] = "missing"
             cell["diff"] = _diff(cell["ours"], paper) if cell["kind"] != "setting" else None
@@ -404,6 +451,46 @@ def _parse_paper(text: str) -> Any:
     return int(number) if number.is_integer() and "." not in text else number
 
 
+def run_lines(
+    runs: dict[tuple[str, int], RunRecord], experiments: dict[str, Any], skipped: set[str]
+) -> list[dict[str, Any]]:
+    """The lines of ``runs.csv``: every expected run, its status, where it is and its metrics."""
+    lines = []
+    for record in runs.values():
+        exp = experiments[record.experiment]
+        lines.append(
+            {
+                "experiment": record.experiment,
+                "dataset": exp.dataset,
+                "seed": record.seed,
+                "status": "not_built" if record.experiment in skipped else record.status,
+                "tables": "; ".join(f"{t}: {label}" for t, label in exp.rows),
+                "run_dir": str(record.run_dir),
+                "job_id": record.job_id,
+                "mlflow_run_id": record.mlflow_run_id,
+                "git_commit": record.git_commit,
+                **record.metrics,
+            }
+        )
+    return lines
+
+
+def write_runs(
+    runs: dict[tuple[str, int], RunRecord],
+    experiments: dict[str, Any],
+    skipped: set[str],
+    runs_csv: Path | None,
+    summary_csv: Path | None,
+) -> None:
+    """``runs.csv`` (every expected run) and ``summary.csv`` (medians per experiment, metric)."""
+    import pandas as pd
+
+    if runs_csv is not None:
+        _write_csv(pd.DataFrame(run_lines(runs, experiments, skipped)), Path(runs_csv))
+    if summary_csv is not None:
+        _write_csv(pd.DataFrame(summarise(runs)), Path(summary_csv))
+
+
 def _write_csv(frame: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -430,6 +517,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-csv", help="write medians per experiment and metric here")
     p.add_argument("--skip-requires", nargs="*", default=[], help="parts left out (not_built)")
     p.add_argument("--mlflow-uri", default="", help="read MLflow run ids from this store")
+    p.add_argument(
+        "--snapshot",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="every table, figure and the README from the runs finished so far, waiting for "
+        "none (default DIR: RESULTS/snapshot)",
+    )
     return p
 
 
@@ -442,8 +537,25 @@ def main(argv: list[str]) -> int:
     skipped = {
         e.id for e in experiments.values() if e.requires and e.requires in args.skip_requires
     }
+    if args.snapshot is not None:
+        from hcformer.analysis.snapshot import build
+
+        snap = build(
+            results,
+            args.scale,
+            args.seeds,
+            Path(args.snapshot) if args.snapshot else None,
+            args.skip_requires,
+            args.mlflow_uri,
+        )
+        print(snap.summary())
+        for error in snap.errors:
+            print(f"hcformer aggregate: error: snapshot: {error}", file=sys.stderr)
+        return 1 if snap.errors else 0
     if not args.table and not (args.runs_csv or args.summary_csv):
-        raise HCFormerError("give --table (a table's cells) or --runs-csv/--summary-csv")
+        raise HCFormerError(
+            "give --table (a table's cells), --runs-csv/--summary-csv or --snapshot"
+        )
     datasets = {e.dataset for e in experiments.values()}
     ids = mlflow_run_ids(args.mlflow_uri, args.scale, datasets)
     if args.table:
@@ -462,30 +574,9 @@ def main(argv: list[str]) -> int:
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         print(f"hcformer aggregate: {args.table}: {len(cells)} cells ({summary}) -> {out}")
     if args.runs_csv or args.summary_csv:
-        import pandas as pd
-
         runs = collect_runs(results, sorted(experiments), args.seeds, ids)
+        write_runs(runs, experiments, skipped, args.runs_csv, args.summary_csv)
         if args.runs_csv:
-            lines = []
-            for record in runs.values():
-                exp = experiments[record.experiment]
-                lines.append(
-                    {
-                        "experiment": record.experiment,
-                        "dataset": exp.dataset,
-                        "seed": record.seed,
-                        "status": "not_built" if record.experiment in skipped else record.status,
-                        "tables": "; ".join(f"{t}: {label}" for t, label in exp.rows),
-                        "run_dir": str(record.run_dir),
-                        "job_id": record.job_id,
-                        "mlflow_run_id": record.mlflow_run_id,
-                        "git_commit": record.git_commit,
-                        **record.metrics,
-                    }
-                )
-            _write_csv(pd.DataFrame(lines), Path(args.runs_csv))
             done = sum(r.status == "done" for r in runs.values())
             print(f"hcformer aggregate: {done} of {len(runs)} runs done -> {args.runs_csv}")
-        if args.summary_csv:
-            _write_csv(pd.DataFrame(summarise(runs)), Path(args.summary_csv))
     return 0

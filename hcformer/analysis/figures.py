@@ -19,6 +19,8 @@ from hcformer.analysis.aggregate import read_cells
 from hcformer.analysis.tables import COLUMN_TITLES
 from hcformer.errors import HCFormerError
 
+# The tables with a figure of their ablation (the workflow's `figure` rule and snapshots).
+ABLATIONS = ("table5", "table6", "tableII", "tableIV", "tableV", "tableVI", "tableVII")
 X_COLUMNS = ("hierarchy_level", "decoder_layers", "queries")
 PLAIN_TITLES = {
     "pq": "PQ",

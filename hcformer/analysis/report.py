@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hcformer.analysis.aggregate import read_cells
+from hcformer.analysis.tables import failed_seeds, no_objects
 
 MEANING = {
     "smoke": (
@@ -52,8 +53,10 @@ def kendall_tau(a: list[float], b: list[float]) -> float | None:
     return sum(sign(a[i] - a[j]) * sign(b[i] - b[j]) for i, j in pairs) / len(pairs)
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
+def _fmt(value: Any, column: str = "") -> str:
+    """A value as the LaTeX tables print it: one decimal; COCO's -1 (no object of this size, in
+    percent -100) and an absent value as an en dash."""
+    if value is None or no_objects(value, column):
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -63,23 +66,34 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(cells: list[dict[str, Any]]) -> list[str]:
+    """A table's cells as Markdown, then a line explaining the en dash when COCO's -1 is in
+    it (the rule of the LaTeX tables)."""
     rows = list(dict.fromkeys(c["row"] for c in sorted(cells, key=lambda c: c["row_index"])))
     columns = list(dict.fromkeys(c["column"] for c in cells))
     by = {(c["row"], c["column"]): c for c in cells}
     lines = ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    dash = False
     for row in rows:
         out = []
         for column in columns:
             cell = by[(row, column)]
+            paper = _fmt(cell["paper"], column)
+            dash = dash or no_objects(cell["paper"], column)
             if cell["kind"] == "setting":
-                out.append(_fmt(cell["paper"]))
+                out.append(paper)
             elif cell["status"] in ("ok", "partial"):
-                star = "†" if cell["status"] == "partial" else ""
-                out.append(f"{_fmt(cell['ours'])}{star} ({_fmt(cell['paper'])})")
+                star = ""
+                if no_objects(cell["ours"], column):
+                    dash = True  # no median to qualify (the LaTeX tables' rule)
+                elif cell["status"] == "partial":
+                    star = "‡" if failed_seeds(cell) else "†"
+                out.append(f"{_fmt(cell['ours'], column)}{star} ({paper})")
             else:
-                out.append(f"*{cell['status'].replace('_', ' ')}* ({_fmt(cell['paper'])})")
+                out.append(f"*{cell['status'].replace('_', ' ')}* ({paper})")
         quoted = " *(quoted)*" if by[(row, columns[0])]["quoted"] else ""
         lines.append(f"| {row}{quoted} | " + " | ".join(out) + " |")
+    if dash:
+        lines += ["", "– (AP): no object of this size in the evaluation images (COCO's -1)."]
     return lines
 
 
@@ -94,7 +108,10 @@ def ordering(cells: list[dict[str, Any]]) -> list[str]:
         pairs = [
             (c["ours"], c["paper"])
             for c in metric_cells
-            if c["status"] in ("ok", "partial") and isinstance(c["paper"], (int, float))
+            if c["status"] in ("ok", "partial")
+            and isinstance(c["paper"], (int, float))
+            and not no_objects(c["ours"], column)
+            and not no_objects(c["paper"], column)
         ]
         if len(pairs) < 2:
             continue
@@ -115,7 +132,9 @@ def run_counts(runs_csv: Path) -> dict[str, int]:
     return counts
 
 
-def render(results: Path, scale: str) -> str:
+def render(results: Path, scale: str, note: str = "") -> str:
+    """The README of the results tree at ``results``; ``note``: a paragraph after the one on
+    what the scale's numbers mean (a snapshot says what it is)."""
     from hcformer.experiments import load_tables
 
     counts = run_counts(results / "runs.csv")
@@ -128,6 +147,7 @@ def render(results: Path, scale: str) -> str:
         "",
         MEANING.get(scale, f"Scale `{scale}`."),
         "",
+        *([note, ""] if note else []),
         "## Runs",
         "",
         f"{total} runs expected: "
@@ -154,9 +174,9 @@ def render(results: Path, scale: str) -> str:
         "",
         "## Tables",
         "",
-        "Each cell: ours (the paper's). † = median of fewer seeds than expected; *missing*, "
-        "*failed* or *not built* = no number yet (never dropped); *(quoted)* rows are numbers the "
-        "paper quotes from other papers.",
+        "Each cell: ours (the paper's). † = median of fewer seeds than expected (‡: another "
+        "seed failed); *missing*, *running*, *failed* or *not built* = no number yet (never "
+        "dropped); *(quoted)* rows are numbers the paper quotes from other papers.",
     ]
     for table in load_tables():
         path = results / "aggregate" / f"{table.id}.csv"

@@ -8,7 +8,8 @@ From a table's cells (``hcformer aggregate``; ``<results>/aggregate/<table>.csv`
   cells' text with Computer Modern's metrics); each number column shows the paper's value, ours
   (median of the seeds) and the difference, side by side or stacked; rows the paper quotes from
   other papers are marked as quoted (never trained); runs that are missing, failed or not built
-  yet are marked so, never dropped; a median of fewer seeds than expected carries a dagger;
+  yet are marked so, never dropped; a median of fewer seeds than expected carries a dagger
+  (a double dagger when a seed failed);
   COCO's -1 (no object of this size) is an en dash; negative numbers have a math minus;
 - ``provenance/<table>.json``: for every cell, the runs it came from (experiment, seed, value,
   MLflow run id, git commit) or the profile file, or the paper quoted;
@@ -61,6 +62,7 @@ COLUMN_TITLES = {
 STATUS_MARKS = {
     "missing": r"\textit{missing}",
     "failed": r"\textit{failed}",
+    "running": r"\textit{running}",
     "not_built": r"\textit{not built}",
     "no_metric": r"\textit{n/a}",
     "quoted": r"\textit{quoted}",
@@ -161,6 +163,7 @@ _LOWER_PT, _UPPER_PT = 5.3, 7.6
 _MACRO_PT = {
     MINUS: 7.8,
     r"$^\dagger$": 3.4,
+    r"$^\ddagger$": 3.4,
     r"$\Delta$": 8.4,
     r"\#": 8.4,
     "--": 5.0,
@@ -235,8 +238,14 @@ def _row_label(row: str, quoted: bool) -> str:
     return latex_escape(row) + (r"$^{q}$" if quoted else "")
 
 
+def failed_seeds(cell: dict[str, Any]) -> int:
+    """How many of a cell's runs failed (``hcformer aggregate`` lists each with its status)."""
+    return sum(run.get("status") == "failed" for run in cell["runs"])
+
+
 def _ours(cell: dict[str, Any], footnotes: set[str]) -> str | None:
-    """Our value of a cell (with a dagger when partial), or None when it has no number."""
+    """Our value of a cell (with a dagger when partial, a double dagger when a seed of it
+    failed), or None when it has no number."""
     if cell["status"] not in ("ok", "partial"):
         if cell["status"] in STATUS_MARKS:
             footnotes.add(cell["status"])
@@ -245,7 +254,10 @@ def _ours(cell: dict[str, Any], footnotes: set[str]) -> str | None:
     if no_objects(cell["ours"], cell["column"]):
         footnotes.add("no_objects")
         return ours
-    if cell["status"] == "partial":
+    if cell["status"] == "partial" and failed_seeds(cell):
+        ours += r"$^\ddagger$"
+        footnotes.add("partial_failed")
+    elif cell["status"] == "partial":
         ours += r"$^\dagger$"
         footnotes.add("partial")
     return ours
@@ -362,10 +374,16 @@ def render_table(table_id: str, title: str, cells: list[dict[str, Any]], scale: 
         notes.append("$^{q}$ quoted by the paper from another paper; not trained")
     if "partial" in footnotes:
         notes.append(r"$^\dagger$ median of fewer seeds than expected")
+    if "partial_failed" in footnotes:
+        notes.append(r"$^\ddagger$ median of the seeds that finished; another seed failed")
     if "no_objects" in footnotes:
         notes.append("-- no object of this size in the evaluation images")
-    if "missing" in footnotes or "failed" in footnotes:
-        notes.append(r"\textit{missing}/\textit{failed}: the runs have no metrics yet")
+    if "missing" in footnotes:
+        notes.append(r"\textit{missing}: not run (or not profiled) yet")
+    if "running" in footnotes:
+        notes.append(r"\textit{running}: no seed has finished yet")
+    if "failed" in footnotes:
+        notes.append(r"\textit{failed}: a run failed and no seed has finished")
     if "not_built" in footnotes:
         notes.append(r"\textit{not built}: the model is not part of this build yet")
     if "no_metric" in footnotes:

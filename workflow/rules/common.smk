@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from hcformer.analysis.figures import ABLATIONS as FIGURE_TABLES
 from hcformer.experiments import all_experiments, load_tables
 from hcformer.errors import ConfigError
 from hcformer.tracking.store import check_live_store
@@ -32,12 +33,8 @@ SKIPPED = {
     for e in EXPERIMENTS.values()
     if e.requires and e.requires in config["skip_requires"]
 }
-# Tables with a figure of their ablation: each seed a point, the median a line (issue #8).
-ABLATIONS = [
-    t
-    for t in ("table5", "table6", "tableII", "tableIV", "tableV", "tableVI", "tableVII")
-    if t in TABLES
-]
+# Tables with a figure of their ablation: each seed a point, the median a line.
+ABLATIONS = [t for t in FIGURE_TABLES if t in TABLES]
 VISUALIZE = [
     e for e in config.get("visualize", []) if e in EXPERIMENTS and e not in SKIPPED
 ]
@@ -146,6 +143,23 @@ def tracking_overrides():
     except ConfigError as exc:
         raise WorkflowError(f"mlflow_live: {exc}") from None
     return ""
+
+
+def snapshot_arguments():
+    """The arguments of `hcformer` that make the snapshot of this scale."""
+    args = ["aggregate", "--results", RESULTS, "--scale", SCALE, "--seeds"]
+    args += [str(s) for s in SEEDS]
+    if config.get("skip_requires"):
+        args += ["--skip-requires", *config["skip_requires"]]
+    return args + ["--mlflow-uri", mlflow_uri(), "--snapshot", f"{RESULTS}/snapshot"]
+
+
+def planned_rules():
+    """The rules of the jobs this Snakemake planned to run (None if its DAG cannot be read)."""
+    try:
+        return {j.rule.name for j in workflow.dag.needrun_jobs(exclude_finished=False)}
+    except Exception:  # another Snakemake's DAG interface
+        return None
 
 
 wildcard_constraints:
