@@ -4,8 +4,14 @@
 
 - ``job.json``: the scheduler job that owns the run (``launcher``, ``job_id``, ``host``,
   ``pid`` of a local job, ``folder`` of submitit's files, ``attempt`` (SLURM_RESTART_COUNT + 1),
-  ``heartbeat`` (epoch seconds, refreshed by the job while it runs), ``state`` and
-  ``git_commit``). A rerun reads it to re-attach to a live job instead of submitting again.
+  ``heartbeat`` (epoch seconds, refreshed by the job while it runs), ``state`` (``submitting``,
+  ``submitted``, ``running``, ``requeued``, ``done``, ``failed``) and ``git_commit``; under SLURM
+  also ``job_name`` (unique per submission) and ``submit_started``, written before ``sbatch``
+  runs, ``submissions`` (each attempt: ``at`` and ``job_id`` or ``error``) and
+  ``node_failures``). A rerun reads it to re-attach to a live job instead of submitting again;
+  ``.job.lock`` serialises its updates on one host.
+- ``.metrics.json.keep``: a hard link to the finished run's ``metrics.json`` (see
+  :func:`restore_metrics`).
 - ``.lock``: held by the process that submits and waits (``hcformer run``); it names that
   process (``host``, ``pid``) and its job. A second ``hcformer run`` on the same folder fails
   with a clear error while the holder lives; a lock whose holder is gone (dead pid on this
