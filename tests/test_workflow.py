@@ -317,6 +317,7 @@ def test_snapshot_target_reads_the_run_folders_and_submits_nothing(tmp_path):
         assert (locks / "0.output.lock").read_text().split() == held  # the campaign's lock stays
         assert _files(root / "runs") == before  # no run folder touched
         assert not (root / "mlflow.ready").exists() and not (root / "tables").exists()
+        assert not (root / "mlflow.db").exists()  # the store is read if it exists, never made
         snap = root / "snapshot"
         for name in ("README.md", "macros.tex", "runs.csv", "figures/table5.pdf"):
             assert (snap / name).is_file(), name

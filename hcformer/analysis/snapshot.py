@@ -62,8 +62,9 @@ class Snapshot:
             "median of the seeds that finished (†: fewer than expected, ‡: and a seed failed; "
             "`provenance/` lists each seed's state); a cell no seed has finished yet says "
             "*running*, *failed* or *missing*. The final tables are `../tables/`, built once "
-            "every run of a table has finished. Make a new snapshot with `snakemake --cores 1 "
-            "snapshot` (or `--profile slurm snapshot`): it waits for and submits nothing."
+            "every run of a table has finished. A new snapshot: `hcformer aggregate --results "
+            f"{self.results} --scale {scale} --snapshot` (or the Snakemake target `snapshot`); "
+            "it waits for and submits nothing."
         )
 
 
