@@ -62,7 +62,8 @@ class Snapshot:
             "median of the seeds that finished (†: fewer than expected, ‡: and a seed failed; "
             "`provenance/` lists each seed's state); a cell no seed has finished yet says "
             "*running*, *failed* or *missing*. The final tables are `../tables/`, built once "
-            "every run of a table has finished. A new snapshot: `hcformer aggregate --results "
+            "every run of a table has finished; the run folders and profiles are in `../runs/` "
+            "and `../profile/`. A new snapshot: `hcformer aggregate --results "
             f"{self.results} --scale {scale} --snapshot` (or the Snakemake target `snapshot`); "
             "it waits for and submits nothing."
         )
