@@ -147,7 +147,11 @@ def _last_line(out: subprocess.CompletedProcess) -> str:
 
 def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.split("\n\n", 1)[0] + "\n\nusage: hcformer campaign SNAKEMAKE-ARGS...")
+        print(
+            "usage: hcformer campaign SNAKEMAKE-ARGS...\n\n"
+            "Runs snakemake with these arguments, after removing Snakemake's lock when the\n"
+            "campaign that held it is gone and keeping every run it finished (docs/campaign.md)."
+        )
         return 0
     workdir = _workdir(argv)
     meta = workdir / ".snakemake"
