@@ -189,8 +189,11 @@ def test_collate_pads_to_multiples_of_32():
     a = T.test_transform(rec, CROP)  # 64x96
     b = train_transform(rec, CROP, np.random.default_rng(0))  # 48x64
     batch = collate([a, b], size_divisibility=32, pad_value=128)
-    assert batch["images"].shape == (2, 3, 64, 96) and batch["images"].dtype == torch.float32
-    assert torch.equal(batch["images"][1, :, :48, :64], b["image"].float())
+    # A whole-number fill keeps the batch uint8 (converted to float on the device); the mean
+    # (test batches) makes it float32.
+    assert batch["images"].shape == (2, 3, 64, 96) and batch["images"].dtype == torch.uint8
+    assert collate([a, b], pad_value=(123.675, 116.28, 103.53))["images"].dtype == torch.float32
+    assert torch.equal(batch["images"][1, :, :48, :64], b["image"])
     assert (batch["images"][1, :, 48:, :] == 128).all() and (
         batch["images"][1, :, :, 64:] == 128
     ).all()
@@ -274,7 +277,8 @@ def test_training_batches_pad_crops_with_the_configured_value(pad, expected):
     batches = TrainBatches(_Records(coded_record(40, 40, "semantic")), cfg, seed=0, passes=[[0, 1]])
     images, targets = batches.load(0, [0, 1])
     assert train_pad_size(cfg) == (64, 64) and images.shape == (2, 3, 64, 64)
-    assert images.dtype == torch.float32
+    assert images.dtype == (torch.uint8 if pad == 128.0 else torch.float32)
+    images = images.float()  # as to_device hands them to the model
     fill = torch.tensor(expected, dtype=torch.float32).view(3, 1, 1)
     for b in range(2):
         assert torch.equal(images[b, :, 40:, :], fill.expand(3, 24, 64))

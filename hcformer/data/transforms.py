@@ -307,8 +307,8 @@ def collate(
 ) -> dict[str, Any]:
     """Pad a list of samples to one size divisible by ``size_divisibility``.
 
-    Returns ``{"images": float32 [B, 3, H, W] (0..255), "targets": [...], "metas": [...]}``:
-    images padded with ``pad_value`` (one number, or one per RGB channel: the model's pixel mean
+    Returns ``{"images": [B, 3, H, W] (0..255; uint8 or float32 as :func:`pad_images` says),
+    "targets": [...], "metas": [...]}``: images padded with ``pad_value`` (one number, or one per RGB channel: the model's pixel mean
     pads with what normalises to 0), each target a dict with ``instances`` (``labels`` int64
     [N], ``masks`` bool [N, H, W] padded with False) and, when the sample has it, ``sem_seg``
     (int64 [H, W] padded with 255). Metas are the samples' ``meta`` dicts unchanged.
@@ -339,12 +339,20 @@ def collate(
 def pad_images(
     images: Sequence[torch.Tensor], size: tuple[int, int], pad_value: float | Sequence[float]
 ) -> torch.Tensor:
-    """``[3, h, w]`` images (any dtype, 0..255) at the top left of a float32 ``[B, 3, *size]``
-    batch filled with ``pad_value`` (a number or one per channel)."""
+    """``[3, h, w]`` images (0..255) at the top left of a ``[B, 3, *size]`` batch filled with
+    ``pad_value`` (a number or one per channel).
+
+    The batch stays uint8 when the images are uint8 and the fill is a whole number in 0..255
+    (training crops padded with 128): a quarter of float32's bytes through the data workers and
+    the host-to-device copy, converted to float on the device. Otherwise (the pixel mean) it is
+    float32."""
     fill = torch.as_tensor(pad_value, dtype=torch.float32).reshape(-1, 1, 1)
     if fill.shape[0] not in (1, 3):
         raise ValueError(f"pad_value: expected one number or three, got {pad_value!r}")
-    out = torch.empty((len(images), 3, *size), dtype=torch.float32)
+    exact = bool(((fill == fill.round()) & (fill >= 0) & (fill <= 255)).all())
+    dtype = torch.uint8 if exact and all(i.dtype == torch.uint8 for i in images) else torch.float32
+    fill = fill.to(dtype)
+    out = torch.empty((len(images), 3, *size), dtype=dtype)
     for b, image in enumerate(images):  # each pixel written once: the image, else the fill
         h, w = image.shape[-2:]
         out[b, :, :h, :w] = image

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from hcformer.config import Config
 from hcformer.engine.signals import STOP_SIGNALS
 
-# One pass of one iteration: images float32 [B, 3, H, W] (0..255), per-image targets ({"labels",
+# One pass of one iteration: images uint8 or float32 [B, 3, H, W] (0..255), per-image targets ({"labels",
 # "masks"} and "sem_seg" where the dataset has it), and the global indices of its samples.
 Pass = tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[int]]
 
