@@ -1,82 +1,25 @@
 """``hcformer aggregate``: run folders -> medians per table cell, runs.csv, provenance, MLflow ids.
 
-Stand-in run folders (hand-written metrics.json, run.json) under a temporary results root; the
-expected numbers are computed here independently (numpy) from the values written, and the
-paper's values are read from experiments/paper_values.yaml directly.
+Stand-in run folders (hand-written metrics.json, run.json: the ``write_run``, ``fill_table`` and
+``campaign_tree`` fixtures of tests/conftest.py) under a temporary results root; the expected
+numbers are computed here independently (numpy) from the values written, and the paper's values
+are read from experiments/paper_values.yaml directly.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from hcformer import cli
-from hcformer.analysis.aggregate import read_cells, table_cells
+from hcformer.analysis.aggregate import table_cells
 from hcformer.experiments import all_experiments, load_table, load_tables
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def paper_values(table_id: str) -> dict[str, dict]:
-    data = yaml.safe_load((ROOT / "experiments" / "paper_values.yaml").read_text())
-    return {row["label"]: row for row in data["tables"][table_id]["rows"]}
-
-
-def write_run(results: Path, exp: str, seed: int, metrics: dict | None, **info) -> Path:
-    run = results / "runs" / exp / f"seed{seed}"
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": exp.split("/")[0]}}))
-    (run / "run.json").write_text(
-        json.dumps(
-            {"exp_id": exp, "seed": seed, "scale": "smoke", "git_commit": f"c{seed}" * 5, **info}
-        )
-    )
-    if metrics is not None:
-        (run / "metrics.json").write_text(json.dumps(metrics))
-    return run
-
-
-def fill_table(results: Path, table_id: str, value, skip=(), seeds=(0, 1, 2)) -> dict:
-    """Write runs for every experiment of a table; ``value(exp, seed)`` gives the metrics."""
-    table = load_table(table_id)
-    written = {}
-    for row in table.rows:
-        for run in row.runs:
-            if run.experiment_id in skip:
-                continue
-            for seed in seeds:
-                metrics = value(run.experiment_id, seed)
-                write_run(results, run.experiment_id, seed, metrics)
-                written[(run.experiment_id, seed)] = metrics
-    return written
-
-
-def aggregate(results: Path, table: str, *extra) -> list[dict]:
-    out = results / "aggregate" / f"{table}.csv"
-    code = cli.main(
-        [
-            "aggregate",
-            "--results",
-            str(results),
-            "--scale",
-            "smoke",
-            "--table",
-            table,
-            "--out",
-            str(out),
-            *extra,
-        ]
-    )
-    assert code == 0
-    return read_cells(out)
-
-
-def test_medians_min_max_n_and_paper_values(tmp_path):
+def test_medians_min_max_n_and_paper_values(tmp_path, paper_values, fill_table, aggregate):
     results = tmp_path / "smoke"
     rng = np.random.default_rng(0)
     written = fill_table(
@@ -113,7 +56,7 @@ def test_medians_min_max_n_and_paper_values(tmp_path):
     assert gflops["HCFormer R50 L0"]["status"] == "missing"  # not in the profile: marked
 
 
-def test_missing_partial_failed_runs_are_marked_never_dropped(tmp_path):
+def test_missing_partial_failed_runs_are_marked_never_dropped(tmp_path, write_run, aggregate):
     results = tmp_path / "smoke"
     table = load_table("table6")
     ids = [row.runs[0].experiment_id for row in table.rows]
@@ -131,7 +74,7 @@ def test_missing_partial_failed_runs_are_marked_never_dropped(tmp_path):
     assert third["status"] == "missing" and third["n_expected"] == 3
 
 
-def test_quoted_rows_and_table_iv_columns_from_three_datasets(tmp_path):
+def test_quoted_rows_and_table_iv_columns_from_three_datasets(tmp_path, fill_table, aggregate):
     results = tmp_path / "smoke"
     per_dataset = {
         "coco_panoptic": {"pq": 30.0},
@@ -158,7 +101,7 @@ def test_quoted_rows_and_table_iv_columns_from_three_datasets(tmp_path):
     assert ours["HCFormer R50"]["status"] == "no_metric"  # finished runs that do not report it
 
 
-def test_runs_csv_lists_every_expected_run(tmp_path):
+def test_runs_csv_lists_every_expected_run(tmp_path, write_run):
     results = tmp_path / "smoke"
     write_run(results, "ade20k/hcformer-r50-L3-D8-Q100", 1, {"miou": 12.5, "pixel_acc": 50.0})
     runs_csv, summary_csv = tmp_path / "runs.csv", tmp_path / "summary.csv"
@@ -175,7 +118,7 @@ def test_runs_csv_lists_every_expected_run(tmp_path):
     assert summary[0]["n"] == "1" and float(summary[0]["median"]) == 12.5
 
 
-def test_mlflow_run_ids_in_provenance(tmp_path):
+def test_mlflow_run_ids_in_provenance(tmp_path, write_run, aggregate):
     """The MLflow run of each folder (its run_dir tag) is named in the cell's provenance."""
     from hcformer.tracking.store import client, ensure_store
 
@@ -216,37 +159,10 @@ def test_cells_function_marks_skipped_parts_not_built(tmp_path):
 # --------------------------------------------------------------------------------------
 # Snapshots: every table from the runs finished so far.
 
-TABLE5 = [row.runs[0].experiment_id for row in load_table("table5").rows]  # L0, L1, L2, L3
 
-
-def campaign_tree(results: Path) -> dict[str, Path]:
-    """Table 5 mid-campaign: L0 seeds 0 and 1 done (pq 40, 44), seed 2 failed (job.json says so,
-    its log says why); L1 seed 0 running (its local process is this one), seeds 1-2 not started;
-    L2 seed 0 failed, seeds 1-2 not started; L3 not started."""
-    import os
-    import socket
-
-    for seed, pq in ((0, 40.0), (1, 44.0)):
-        write_run(results, TABLE5[0], seed, {"pq": pq})
-    failed = {}
-    for exp, seed in ((TABLE5[0], 2), (TABLE5[2], 0)):
-        run = write_run(results, exp, seed, None)
-        (run / "job.json").write_text(json.dumps({"state": "failed", "launcher": "inline"}))
-        log = results / "logs" / "run" / exp / f"seed{seed}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("hcformer train: it 4/6\nhcformer run: error: loss_dice is nan\n")
-        failed[exp] = run
-    run = write_run(results, TABLE5[1], 0, None)
-    job = {"state": "running", "launcher": "inline", "pid": os.getpid()}
-    (run / "job.json").write_text(json.dumps({**job, "host": socket.gethostname()}))
-    return {"running": run, **failed}
-
-
-def pq_cells(path: Path) -> dict[str, dict]:
-    return {c["row"]: c for c in read_cells(path) if c["column"] == "pq"}
-
-
-def test_snapshot_takes_the_seeds_that_finished_and_marks_the_rest(tmp_path, capsys):
+def test_snapshot_takes_the_seeds_that_finished_and_marks_the_rest(
+    tmp_path, campaign_tree, pq_cells, table5_experiments, capsys
+):
     results = tmp_path / "smoke"
     tree = campaign_tree(results)
     argv = ["aggregate", "--results", str(results), "--scale", "smoke", "--snapshot"]
@@ -261,7 +177,7 @@ def test_snapshot_takes_the_seeds_that_finished_and_marks_the_rest(tmp_path, cap
     assert (l0["status"], l0["ours"], l0["n"], l0["n_expected"]) == ("partial", 42.0, 2, 3)
     assert [r["status"] for r in l0["runs"]] == ["done", "done", "failed"]
     assert l0["runs"][2]["reason"] == "job.json: state failed"
-    assert l0["runs"][2]["log"].endswith(f"logs/run/{TABLE5[0]}/seed2.log")
+    assert l0["runs"][2]["log"].endswith(f"logs/run/{table5_experiments[0]}/seed2.log")
     assert (l1["status"], l1["ours"]) == ("running", None)
     assert str(__import__("os").getpid()) in l1["runs"][0]["reason"]
     assert (l2["status"], l3["status"]) == ("failed", "missing")
@@ -289,7 +205,7 @@ def test_snapshot_takes_the_seeds_that_finished_and_marks_the_rest(tmp_path, cap
 
     # One more run finishes, the failed one is resumed and finishes: the numbers follow.
     (tree["running"] / "metrics.json").write_text(json.dumps({"pq": 50.0}))
-    (tree[TABLE5[0]] / "metrics.json").write_text(json.dumps({"pq": 47.0}))
+    (tree[table5_experiments[0]] / "metrics.json").write_text(json.dumps({"pq": 47.0}))
     assert cli.main(argv) == 0
     cells = pq_cells(snap / "aggregate" / "table5.csv")
     l0, l1 = cells[labels[0]], cells[labels[1]]
@@ -299,7 +215,7 @@ def test_snapshot_takes_the_seeds_that_finished_and_marks_the_rest(tmp_path, cap
     assert "50.0$^\\dagger$" in tex and "ddagger" not in tex
 
 
-def test_one_table_that_cannot_be_built_blocks_no_other(tmp_path, capsys):
+def test_one_table_that_cannot_be_built_blocks_no_other(tmp_path, campaign_tree, capsys):
     results = tmp_path / "smoke"
     campaign_tree(results)
     (results / "profile").mkdir(parents=True)

@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
-from test_aggregate import aggregate, fill_table, paper_values
 
 from hcformer import cli
 from hcformer.analysis.figures import figure_data
@@ -18,7 +17,9 @@ from hcformer.analysis.visualize import boundaries, leakage
 from hcformer.experiments import load_table
 
 
-def test_ablation_figure_has_a_point_per_seed_and_the_papers_line(tmp_path):
+def test_ablation_figure_has_a_point_per_seed_and_the_papers_line(
+    tmp_path, paper_values, fill_table, aggregate
+):
     results = tmp_path / "smoke"
     fill_table(results, "tableII", lambda e, s: {"pq": 10.0 + s})
     cells = aggregate(results, "tableII")
@@ -37,7 +38,7 @@ def test_ablation_figure_has_a_point_per_seed_and_the_papers_line(tmp_path):
     assert (results / "figures" / "tableII.pdf").read_bytes().startswith(b"%PDF")
 
 
-def test_table_iv_has_one_panel_per_dataset(tmp_path):
+def test_table_iv_has_one_panel_per_dataset(tmp_path, fill_table, aggregate):
     results = tmp_path / "smoke"
     fill_table(results, "tableIV", lambda e, s: {"pq": 1.0, "miou": 2.0})
     _, _, metrics, points = figure_data(aggregate(results, "tableIV"))
@@ -117,7 +118,7 @@ def test_kendall_tau():
     assert kendall_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / 3)
 
 
-def test_report_says_what_the_scale_means(tmp_path):
+def test_report_says_what_the_scale_means(tmp_path, fill_table, aggregate):
     results = tmp_path / "smoke"
     fill_table(results, "table5", lambda e, s: {"pq": float(re.search(r"-L(\d)-", e).group(1))})
     aggregate(results, "table5")

@@ -1,10 +1,11 @@
 """``hcformer run`` and its launchers (hcformer.launch), on a stand-in engine.
 
-The stand-in: ``write_fake_engine(dir)`` writes a package ``fakeengine`` (train, evaluate, signals) into
-``dir``. Its ``train`` counts iterations into ``checkpoints/last.pt`` (a text file), resumes from
-it, sleeps ``sleep=S`` seconds an iteration, stops at the next iteration boundary when asked
-(``signals.request_stop()`` or SIGTERM) and fails with ``fail=1``; ``evaluate`` writes
-``metrics.json``. Every start of train appends a line to ``starts.txt`` in the run folder.
+The stand-in: the ``write_fake_engine`` fixture (tests/conftest.py) writes a package
+``fakeengine`` (train, evaluate, signals) into a folder. Its ``train`` counts iterations into
+``checkpoints/last.pt`` (a text file), resumes from it, sleeps ``sleep=S`` seconds an iteration,
+stops at the next iteration boundary when asked (``signals.request_stop()`` or SIGTERM) and fails
+with ``fail=1``; ``evaluate`` writes ``metrics.json``. Every start of train appends a line to
+``starts.txt`` in the run folder.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import types
@@ -29,82 +29,11 @@ from hcformer.launch.executors import SlurmOptions
 from hcformer.launch.job import RunJob, RunSpec
 from hcformer.launch.runfolder import RunLock, RunLockedError, read_job
 
-_TRAIN = """
-import argparse, json, os, signal, sys, threading, time
-from pathlib import Path
-from . import signals
-
-def main(argv):
-    p = argparse.ArgumentParser()
-    p.add_argument("--experiment"); p.add_argument("--config"); p.add_argument("--scale")
-    p.add_argument("--seed", type=int); p.add_argument("--run-dir")
-    p.add_argument("--set", action="append", default=[])
-    a = p.parse_args(argv)
-    opts = dict(item.split("=", 1) for item in a.set)
-    run = Path(a.run_dir); (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    with open(run / "starts.txt", "a") as fh:
-        fh.write(f"{os.getpid()} {os.environ.get('SLURM_RESTART_COUNT', '-')}\\n")
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: signals.request_stop())
-    if opts.get("fail") == "1":
-        print("fake-engine: boom, a clear failure", file=sys.stderr)
-        return 3
-    last = run / "checkpoints" / "last.pt"
-    it = int(last.read_text()) if last.exists() else 0
-    total = int(opts.get("iters", 3))
-    while it < total:
-        time.sleep(float(opts.get("sleep", 0)))
-        it += 1
-        tmp = last.with_suffix(".tmp"); tmp.write_text(str(it)); os.replace(tmp, last)
-        with open(run / "train_log.jsonl", "a") as fh:
-            fh.write(json.dumps({"iteration": it}) + "\\n")
-        if signals.stop_requested() and it < total:
-            return 143
-    return 0
-"""
-
-_EVALUATE = """
-import argparse, json, os
-from pathlib import Path
-
-def main(argv):
-    p = argparse.ArgumentParser(); p.add_argument("--run-dir"); a = p.parse_args(argv)
-    run = Path(a.run_dir)
-    it = int((run / "checkpoints" / "last.pt").read_text())
-    seed = int(run.name.removeprefix("seed"))
-    tmp = run / ".metrics.tmp"
-    tmp.write_text(json.dumps({"miou": 40.0 + seed, "pixel_acc": 80.0, "iterations": it}))
-    os.replace(tmp, run / "metrics.json")
-    return 0
-"""
-
-_SIGNALS = """
-import threading
-_STOP = threading.Event()
-
-def request_stop():
-    _STOP.set()
-
-def stop_requested():
-    return _STOP.is_set()
-"""
-
-
-def write_fake_engine(root: Path) -> str:
-    """Write the package into ``root``; returns its name (for ``hcformer run --engine``)."""
-    pkg = Path(root) / "fakeengine"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text("")
-    for name, text in (("train", _TRAIN), ("evaluate", _EVALUATE), ("signals", _SIGNALS)):
-        (pkg / f"{name}.py").write_text(textwrap.dedent(text))
-    return "fakeengine"
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def engine(tmp_path, monkeypatch):
+def engine(tmp_path, monkeypatch, write_fake_engine):
     """The stand-in engine, importable here and in the subprocesses the launchers start."""
     where = tmp_path / "pkgs"
     name = write_fake_engine(where)

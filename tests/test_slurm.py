@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_launch import write_fake_engine
 
 from hcformer.launch.runfolder import read_job, slurm_job_state
 
@@ -66,7 +65,7 @@ def _requeue_once(run: Path, waiter: subprocess.Popen, checkpoint: Path) -> str:
     return job_id
 
 
-def test_requeued_job_resumes_from_last_pt(tmp_path):
+def test_requeued_job_resumes_from_last_pt(tmp_path, write_fake_engine):
     engine = write_fake_engine(tmp_path / "pkgs")
     results = tmp_path / "results"
     exp = "ade20k/hcformer-r50-L3-D8-Q100"  # resources only; the stand-in engine trains
@@ -94,7 +93,7 @@ def test_requeued_job_resumes_from_last_pt(tmp_path):
     assert "CANCELLED" in (run / "jobs" / f"{job_id}_0_log.err").read_text()  # the requeue's kill
 
 
-def test_preemption_signal_checkpoints_through_the_engine_and_requeues(tmp_path):
+def test_preemption_signal_checkpoints_through_the_engine_and_requeues(tmp_path, write_fake_engine):
     """SLURM's preemption/time-out signal (USR2) reaches submitit, whose checkpoint() hook asks
     the engine to stop at an iteration boundary and resubmits; the rerun resumes."""
     engine = write_fake_engine(tmp_path / "pkgs")
@@ -124,7 +123,7 @@ def test_preemption_signal_checkpoints_through_the_engine_and_requeues(tmp_path)
     assert read_job(run)["attempt"] == 2 and read_job(run)["state"] == "done"
 
 
-def test_failed_slurm_job_fails_the_run_with_its_log(tmp_path):
+def test_failed_slurm_job_fails_the_run_with_its_log(tmp_path, write_fake_engine):
     engine = write_fake_engine(tmp_path / "pkgs")
     cmd = [str(BIN / "hcformer"), "run", "--experiment", "ade20k/hcformer-r50-L3-D8-Q100"]
     cmd += [

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_aggregate import aggregate, fill_table, paper_values
 
 from hcformer import cli
 from hcformer.analysis.tables import (
@@ -49,7 +48,7 @@ def compile_latex(tmp_path: Path, body: str, preamble: str = "") -> subprocess.C
 
 
 @pytest.fixture
-def table5(tmp_path):
+def table5(tmp_path, fill_table, aggregate):
     results = tmp_path / "smoke"
     table = load_table("table5")
     skip = {table.rows[-1].runs[0].experiment_id}  # the L3 row has no runs: marked missing
@@ -62,7 +61,7 @@ def table5(tmp_path):
     return results
 
 
-def test_table_tex_has_the_papers_layout_values_and_marks(table5):
+def test_table_tex_has_the_papers_layout_values_and_marks(table5, paper_values):
     tex = (table5 / "tables" / "table5.tex").read_text()
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
     body = tex.split("\\midrule")[1].split("\\bottomrule")[0]
@@ -95,7 +94,7 @@ def test_provenance_names_the_runs_of_every_cell(table5):
 
 
 @needs_pdflatex
-def test_every_table_compiles_and_macros_define_each_number_once(tmp_path):
+def test_every_table_compiles_and_macros_define_each_number_once(tmp_path, fill_table, aggregate):
     results = tmp_path / "smoke"
     for table in load_tables():
         fill_table(
@@ -155,7 +154,7 @@ METRICS = {
 
 
 @pytest.fixture(scope="module")
-def every_table(tmp_path_factory):
+def every_table(tmp_path_factory, fill_table, aggregate):
     """Every table from a fake tree at its widest: COCO's -1 for AP_S (the smoke images have no
     small objects), a run missing in each table, a seed whose folder has no metrics and no live
     job (failed: double daggers), four-digit profile numbers with four-digit differences."""

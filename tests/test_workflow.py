@@ -283,13 +283,13 @@ def _files(root: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_snapshot_target_reads_the_run_folders_and_submits_nothing(tmp_path):
+def test_snapshot_target_reads_the_run_folders_and_submits_nothing(
+    tmp_path, campaign_tree, pq_cells, table5_experiments
+):
     """`snakemake snapshot` depends on no run: a dry run plans it alone, it runs beside a
     campaign's Snakemake (whose lock covers every run and table file), builds every table from
     a tree of done, failed, running and missing runs (failed cells marked), and a second call
     after one more run finishes takes that run in."""
-    from test_aggregate import TABLE5, campaign_tree, pq_cells
-
     results = tmp_path / "results"
     root = results / "smoke"
     tree = campaign_tree(root)
@@ -338,18 +338,16 @@ def test_snapshot_target_reads_the_run_folders_and_submits_nothing(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         cells = pq_cells(snap / "aggregate" / "table5.csv")
         assert (cells[labels[1]]["status"], cells[labels[1]]["ours"]) == ("partial", 50.0)
-        assert TABLE5[1] in (snap / "runs.csv").read_text()
+        assert table5_experiments[1] in (snap / "runs.csv").read_text()
     finally:
         for name in ("0.output.lock", "0.input.lock"):
             (locks / name).unlink(missing_ok=True)
 
 
 @pytest.mark.slow
-def test_a_failed_job_leaves_a_snapshot_of_every_table(tmp_path):
+def test_a_failed_job_leaves_a_snapshot_of_every_table(tmp_path, campaign_tree, pq_cells):
     """A workflow with runs to do that ends with a failed job (here the paper scale's input
     check, before anything is submitted) makes a snapshot on its way out, and still fails."""
-    from test_aggregate import campaign_tree, pq_cells
-
     results = tmp_path / "results"
     campaign_tree(results / "paper")
     target = f"{results}/paper/runs/ade20k/hcformer-r50-L3-D8-Q100/seed0/metrics.json"

@@ -1,0 +1,241 @@
+"""Fixtures shared by several test modules (no test module imports another).
+
+Stand-in run folders for the analysis commands (``hcformer aggregate``, ``tables``, ``figures``,
+``snakemake snapshot``): ``write_run``, ``fill_table``, ``aggregate``, ``paper_values``,
+``campaign_tree``, ``pq_cells``, ``table5_experiments``. A stand-in engine for the launchers
+(``hcformer run --engine``): ``write_fake_engine``.
+
+Each fixture hands out a plain function and holds no state, so they are session-scoped and
+module-scoped fixtures may use them. Heavy imports happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# Run folders for the analysis commands
+
+
+def _paper_values(table_id: str) -> dict[str, dict]:
+    data = yaml.safe_load((ROOT / "experiments" / "paper_values.yaml").read_text())
+    return {row["label"]: row for row in data["tables"][table_id]["rows"]}
+
+
+def _write_run(results: Path, exp: str, seed: int, metrics: dict | None, **info) -> Path:
+    run = results / "runs" / exp / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": exp.split("/")[0]}}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {"exp_id": exp, "seed": seed, "scale": "smoke", "git_commit": f"c{seed}" * 5, **info}
+        )
+    )
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def _fill_table(results: Path, table_id: str, value, skip=(), seeds=(0, 1, 2)) -> dict:
+    from hcformer.experiments import load_table
+
+    table = load_table(table_id)
+    written = {}
+    for row in table.rows:
+        for run in row.runs:
+            if run.experiment_id in skip:
+                continue
+            for seed in seeds:
+                metrics = value(run.experiment_id, seed)
+                _write_run(results, run.experiment_id, seed, metrics)
+                written[(run.experiment_id, seed)] = metrics
+    return written
+
+
+def _aggregate(results: Path, table: str, *extra: str) -> list[dict]:
+    from hcformer import cli
+    from hcformer.analysis.aggregate import read_cells
+
+    out = results / "aggregate" / f"{table}.csv"
+    argv = ["aggregate", "--results", str(results), "--scale", "smoke", "--table", table]
+    assert cli.main([*argv, "--out", str(out), *extra]) == 0
+    return read_cells(out)
+
+
+def _table5_experiments() -> list[str]:
+    from hcformer.experiments import load_table
+
+    return [row.runs[0].experiment_id for row in load_table("table5").rows]
+
+
+def _campaign_tree(results: Path) -> dict[str, Path]:
+    table5 = _table5_experiments()
+    for seed, pq in ((0, 40.0), (1, 44.0)):
+        _write_run(results, table5[0], seed, {"pq": pq})
+    failed = {}
+    for exp, seed in ((table5[0], 2), (table5[2], 0)):
+        run = _write_run(results, exp, seed, None)
+        (run / "job.json").write_text(json.dumps({"state": "failed", "launcher": "inline"}))
+        log = results / "logs" / "run" / exp / f"seed{seed}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("hcformer train: it 4/6\nhcformer run: error: loss_dice is nan\n")
+        failed[exp] = run
+    run = _write_run(results, table5[1], 0, None)
+    job = {"state": "running", "launcher": "inline", "pid": os.getpid()}
+    (run / "job.json").write_text(json.dumps({**job, "host": socket.gethostname()}))
+    return {"running": run, **failed}
+
+
+def _pq_cells(path: Path) -> dict[str, dict]:
+    from hcformer.analysis.aggregate import read_cells
+
+    return {c["row"]: c for c in read_cells(path) if c["column"] == "pq"}
+
+
+@pytest.fixture(scope="session")
+def paper_values() -> Callable[[str], dict[str, dict]]:
+    """``paper_values(table_id)``: the paper's row values of a table, by row label, read
+    straight from experiments/paper_values.yaml (an independent reference for the tables)."""
+    return _paper_values
+
+
+@pytest.fixture(scope="session")
+def write_run() -> Callable[..., Path]:
+    """``write_run(results, exp, seed, metrics, **run_json)``: a stand-in run folder under
+    ``results/runs/<exp>/seed<k>/``: ``config.yaml``, ``run.json`` (git commit ``c<k>`` x 5 plus
+    ``run_json``) and, unless ``metrics`` is None, ``metrics.json``. Returns the folder."""
+    return _write_run
+
+
+@pytest.fixture(scope="session")
+def fill_table() -> Callable[..., dict]:
+    """``fill_table(results, table_id, value, skip=(), seeds=(0, 1, 2))``: a run folder for every
+    experiment of a table (those in ``skip`` left out) and seed; ``value(exp, seed)`` gives the
+    metrics (None: no ``metrics.json``). Returns ``{(exp, seed): metrics}``."""
+    return _fill_table
+
+
+@pytest.fixture(scope="session")
+def aggregate() -> Callable[..., list[dict]]:
+    """``aggregate(results, table, *extra_args)``: ``hcformer aggregate`` at smoke scale into
+    ``results/aggregate/<table>.csv`` (asserts exit 0); returns the cells read back."""
+    return _aggregate
+
+
+@pytest.fixture(scope="session")
+def table5_experiments() -> list[str]:
+    """The experiment ids of table 5's rows, in order: L0, L1, L2, L3."""
+    return _table5_experiments()
+
+
+@pytest.fixture(scope="session")
+def campaign_tree() -> Callable[[Path], dict[str, Path]]:
+    """``campaign_tree(results)``: table 5 mid-campaign. L0 seeds 0 and 1 done (pq 40, 44), seed 2
+    failed (``job.json`` says so, its log says why); L1 seed 0 running (its local process is this
+    one), seeds 1-2 not started; L2 seed 0 failed, seeds 1-2 not started; L3 not started.
+    Returns ``{"running": L1 seed 0's folder, <L0 id>: L0 seed 2's, <L2 id>: L2 seed 0's}``."""
+    return _campaign_tree
+
+
+@pytest.fixture(scope="session")
+def pq_cells() -> Callable[[Path], dict[str, dict]]:
+    """``pq_cells(csv_path)``: the ``pq`` cells of an aggregate CSV, by row label."""
+    return _pq_cells
+
+
+# --------------------------------------------------------------------------------------
+# A stand-in engine for ``hcformer run --engine``
+
+_TRAIN = """
+import argparse, json, os, signal, sys, threading, time
+from pathlib import Path
+from . import signals
+
+def main(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--experiment"); p.add_argument("--config"); p.add_argument("--scale")
+    p.add_argument("--seed", type=int); p.add_argument("--run-dir")
+    p.add_argument("--set", action="append", default=[])
+    a = p.parse_args(argv)
+    opts = dict(item.split("=", 1) for item in a.set)
+    run = Path(a.run_dir); (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    with open(run / "starts.txt", "a") as fh:
+        fh.write(f"{os.getpid()} {os.environ.get('SLURM_RESTART_COUNT', '-')}\\n")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: signals.request_stop())
+    if opts.get("fail") == "1":
+        print("fake-engine: boom, a clear failure", file=sys.stderr)
+        return 3
+    last = run / "checkpoints" / "last.pt"
+    it = int(last.read_text()) if last.exists() else 0
+    total = int(opts.get("iters", 3))
+    while it < total:
+        time.sleep(float(opts.get("sleep", 0)))
+        it += 1
+        tmp = last.with_suffix(".tmp"); tmp.write_text(str(it)); os.replace(tmp, last)
+        with open(run / "train_log.jsonl", "a") as fh:
+            fh.write(json.dumps({"iteration": it}) + "\\n")
+        if signals.stop_requested() and it < total:
+            return 143
+    return 0
+"""
+
+_EVALUATE = """
+import argparse, json, os
+from pathlib import Path
+
+def main(argv):
+    p = argparse.ArgumentParser(); p.add_argument("--run-dir"); a = p.parse_args(argv)
+    run = Path(a.run_dir)
+    it = int((run / "checkpoints" / "last.pt").read_text())
+    seed = int(run.name.removeprefix("seed"))
+    tmp = run / ".metrics.tmp"
+    tmp.write_text(json.dumps({"miou": 40.0 + seed, "pixel_acc": 80.0, "iterations": it}))
+    os.replace(tmp, run / "metrics.json")
+    return 0
+"""
+
+_SIGNALS = """
+import threading
+_STOP = threading.Event()
+
+def request_stop():
+    _STOP.set()
+
+def stop_requested():
+    return _STOP.is_set()
+"""
+
+
+def _write_fake_engine(root: Path) -> str:
+    pkg = Path(root) / "fakeengine"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    for name, text in (("train", _TRAIN), ("evaluate", _EVALUATE), ("signals", _SIGNALS)):
+        (pkg / f"{name}.py").write_text(textwrap.dedent(text))
+    return "fakeengine"
+
+
+@pytest.fixture(scope="session")
+def write_fake_engine() -> Callable[[Path], str]:
+    """``write_fake_engine(dir)``: write the package ``fakeengine`` (train, evaluate, signals)
+    into ``dir``; returns its name (for ``hcformer run --engine``).
+
+    Its ``train`` counts iterations into ``checkpoints/last.pt`` (a text file), resumes from it,
+    sleeps ``sleep=S`` seconds an iteration (``--set sleep=S``), runs ``iters=N`` iterations
+    (3 by default), stops at the next iteration boundary when asked (``signals.request_stop()``
+    or SIGTERM, exit 143) and fails with ``fail=1`` (exit 3); ``evaluate`` writes
+    ``metrics.json`` (miou 40 + seed). Every start of train appends a line
+    ``<pid> <SLURM_RESTART_COUNT or ->`` to ``starts.txt`` in the run folder."""
+    return _write_fake_engine
