@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a one-node SLURM cluster on this machine (root; Debian's slurm-wlm and munge installed):
 # munged, slurmctld and slurmd, one partition `debug` with all CPUs, a GPU GRES backed by
-# /dev/null so that --gres/--gpus requests are accepted (../shared/notes/slurm-one-node.md).
+# /dev/null so that --gres/--gpus requests are accepted (measured with Debian's SLURM 22.05.8).
 # Writes the daemons' pids to $SLURM_CI_DIR/pids for .ci/slurm-down.sh. About 10 s.
 set -euo pipefail
 DIR=${SLURM_CI_DIR:-/tmp/hcformer-slurm}

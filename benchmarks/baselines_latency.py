@@ -1,4 +1,4 @@
-"""Latency of HCFormer and the HC per-pixel models against the baselines the paper trained (issue #4).
+"""Latency of HCFormer and the HC per-pixel models against the baselines the paper trained.
 
 In ONE run and on the same input, times (eval mode, ``torch.inference_mode``, batch 1, random
 init at paper size, median of repeats after a warm-up) the wall-clock time and the CPU time of
@@ -18,7 +18,7 @@ call per model it runs whole rounds until the budget is spent (at least ``--min-
 wall, 2.3-5.8 s CPU), while one thread's CPU time varied by under 3%. ``--threads 2`` measures
 the 2-thread setting on an idle machine.
 
-Goals (issue #4): HCFormer-R50 at most 0.48x MaskFormer-R50 (the paper's FLOP ratio 87/181);
+Goals: HCFormer-R50 at most 0.48x MaskFormer-R50 (the paper's FLOP ratio 87/181);
 HC-PSPNet and HC-Deeplabv3 at most 0.4x their baselines (the paper's 19.0/48.7 and 22.5/62.5
 ms on ADE20K on its GPU).
 

@@ -8,8 +8,8 @@ Each (experiment, seed) runs ``hcformer train`` then ``hcformer evaluate`` as fr
 of ``metrics.json``, the training iterations, the wall seconds of the training process (start-up
 included; noisy on a shared machine) and its CPU seconds (getrusage of the child; at 2 threads
 about 1.9x the wall seconds), then the median over seeds per experiment. Writes JSON and prints
-one readable line per experiment. Issue #5 targets: mIoU >= 60 (ADE20K format), PQ >= 40 (COCO
-panoptic format) within 90 s per run on 2 threads (read as wall time: a thread count bounds
+one readable line per experiment. The tiny scale's targets: mIoU >= 60 (ADE20K format), PQ >=
+40 (COCO panoptic format) within 90 s per run on 2 threads (read as wall time: a thread count bounds
 time, not CPU seconds; docs/tiny-scale.md gives both).
 """
 

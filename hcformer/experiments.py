@@ -46,7 +46,7 @@ from hcformer.errors import ConfigError
 
 SCALES = ("paper", "tiny", "smoke")
 
-# Keys a paper table varies: a scale overlay must never set them (DESIGN.md, "Conventions").
+# Keys a paper table varies: a scale overlay must never set them (docs/interfaces.md).
 VARIED_KEYS = (
     "model.backbone.name",
     "model.backbone.hierarchy_level",

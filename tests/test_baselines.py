@@ -1,4 +1,4 @@
-"""The baselines the paper trained itself (issue #4): MaskFormer and the per-pixel models of App. E.1.
+"""The baselines the paper trained itself: MaskFormer and the per-pixel models of App. E.1.
 
 Forward passes use a tiny ResNet ([1,1,1,1], widths 8..64) and tiny head widths; parameter
 counts of the paper sizes are taken on the ``meta`` device and checked against the numbers

@@ -1,4 +1,4 @@
-"""``hcformer budget`` (issue #9, item 3): GPU-hours from the paper's schedules and the figures.
+"""``hcformer budget`` (docs/campaign.md): GPU-hours from the paper's schedules and the figures.
 
 Expected numbers are computed here by hand from the paper's schedules (App. D: 368,750 COCO
 iterations at batch 16 on 1024x1024 crops, 160k ADE20K iterations on 512x512 crops; MaskFormer's

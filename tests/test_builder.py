@@ -1,4 +1,4 @@
-"""build_model: dispatch, config errors, and the paper's parameter counts (issue #2 fidelity).
+"""build_model: dispatch, config errors, and the paper's parameter counts.
 
 Counts are taken on the ``meta`` device (no memory, no init cost). The references are the
 numbers the paper prints (Tables 1, 5, 6 of the main paper = tables.yaml table1/table5/table6,

@@ -3,8 +3,8 @@
 colours and differ by texture or shape, 100 queries, 8 decoder layers, 300 iterations of 6
 images), one seed, through ``train`` and ``evaluate``.
 
-Issue #5's bar (mIoU >= 60 as the median of three seeds on 2 threads) is measured by
-``benchmarks/tiny_training.py``: seeds 0-5 on 2 threads 70.1 / 48.3 / 69.8 / 70.2 / 56.4 / 68.8;
+The tiny scale's bar (docs/tiny-scale.md: mIoU >= 60 as the median of three seeds on 2
+threads) is measured by ``benchmarks/tiny_training.py``: seeds 0-5 on 2 threads 70.1 / 48.3 / 69.8 / 70.2 / 56.4 / 68.8;
 seeds 0-2 on one thread (tiny table V's L3 row) 75.6 / 32.9 / 69.6. Which seeds split the colour
 pairs depends on float rounding (thread count, CPU), so one seed's score on another machine is a
 draw from that spread: the test's bar sits under every run measured and far above a model that

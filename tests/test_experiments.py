@@ -1,4 +1,4 @@
-"""The experiments registry: tables, paper values, canonical ids, scale overlays (issue #2)."""
+"""The experiments registry: tables, paper values, canonical ids, scale overlays."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_row_without_paper_values_is_an_error(copy_root: Path):
 
 
 def test_paper_protocol_values():
-    """Spot checks against App. D of the paper and implementation-notes.md."""
+    """Spot checks against App. D of the paper and the authors' configs (docs/fidelity.md)."""
     exps = ex.all_experiments("paper")
     r50 = exps["coco_panoptic/hcformer-r50-L3-D8-Q100"].config
     assert r50.model.num_classes == 133 and r50.data.task == "panoptic"

@@ -1,4 +1,6 @@
-"""Faults of a multi-day campaign, each injected for real, each with a defined outcome (issue #9).
+"""Faults of a multi-day campaign, each injected for real, each with a defined outcome.
+
+docs/campaign.md, "Faults: what happens, what is lost", lists them for users.
 
 The real engine trains one smoke-scale experiment (a tiny HCFormer R50 on 16 synthetic ADE20K
 images) into run folders under ``tmp``; the faults are real:

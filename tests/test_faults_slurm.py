@@ -1,5 +1,5 @@
-"""A SLURM job cancelled mid-run (issue #9): a real ``scancel`` on the one-node cluster of
-``.ci/slurm-up.sh`` (skipped without one).
+"""A SLURM job cancelled mid-run (docs/campaign.md, "Faults"): a real ``scancel`` on the
+one-node cluster of ``.ci/slurm-up.sh`` (skipped without one).
 
 Snakemake runs one smoke-scale run through the slurm launcher; its schedule is lengthened in a
 copy of ``experiments/`` (``HCFORMER_EXPERIMENTS``; the experiment ids do not change) so that the

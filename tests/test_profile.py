@@ -125,7 +125,7 @@ def test_ade20k_and_cityscapes_inputs():
 
 
 # --------------------------------------------------------------------------------------
-# Paper fidelity (issue #2 "Done when"): params within 1.0M, GFLOPs within 10%, and the steps of
+# Paper fidelity: params within 1.0M, GFLOPs within 10%, and the steps of
 # an ablation table within 1 GFLOP of the paper's. Counted on meta tensors.
 
 
@@ -187,7 +187,7 @@ def test_fidelity_coco_r50():
     """Table 1 / 5: HCFormer R50 on COCO, averaged over the 100 val sizes (38.4M by hand)."""
     ours = _count("coco_panoptic/hcformer-r50-L3-D8-Q100")
     paper = _paper("table1", "HCFormer R50")
-    assert abs(ours["params_m"] - 38.4) <= 0.1  # implementation-notes.md's hand count
+    assert abs(ours["params_m"] - 38.4) <= 0.1  # a count by hand from the authors' code
     assert abs(ours["params_m"] - paper["params_m"]) <= 1.0
     assert abs(ours["gflops"] - paper["gflops"]) <= 0.1 * paper["gflops"]
     assert ours["gflops_by_op"]["torchvision.deform_conv2d"] > 0

@@ -1,4 +1,4 @@
-"""``hcformer status`` (issue #9, item 2) on results trees shaped like ``snakemake all_tables``'s.
+"""``hcformer status`` (docs/campaign.md) on results trees shaped like ``snakemake all_tables``'s.
 
 The tree: one run folder per (experiment, seed) of every paper table at smoke scale, holding
 what the pipeline writes (``config.yaml``, ``run.json``, ``job.json``, ``train_log.jsonl``,

@@ -1,6 +1,6 @@
 """``hcformer aggregate``: run folders -> medians over seeds, one cell of a paper table at a time.
 
-DESIGN.md, flow step 7 (the paper trains every model three times and reports the median). The
+The paper "train[s] models three times and report[s] medians" (Sec. 4.2); so do we. The
 run folder is the contract (docs/interfaces.md): this module reads ``metrics.json``,
 ``run.json``/``job.json`` (git commit, state) of ``<results>/runs/<exp_id>/seed<k>/``, the
 profile JSON of ``hcformer profile`` (params, GFLOPs, latency per row) and, for provenance, the

@@ -1,9 +1,9 @@
 """``hcformer figures``: one figure per ablation table (tables 5, 6, II, IV, V, VI, VII).
 
 Each seed is a point, the median of the seeds a line, the paper's values a dashed line beside
-them (issue #8, item 5); one panel per metric column of the table (table IV: COCO PQ, ADE20K
-mIoU, Cityscapes mIoU), the varied setting on the x axis (hierarchy level, decoder layers,
-queries), DCNv2 on/off as two colours (table II). Read from the table's cells
+them; one panel per metric column of the table (table IV: COCO PQ, ADE20K mIoU, Cityscapes
+mIoU), the varied setting on the x axis (hierarchy level, decoder layers, queries), DCNv2 on/off
+as two colours (table II). Read from the table's cells
 (``<results>/aggregate/<table>.csv``, written by ``hcformer aggregate``); writes
 ``<results>/figures/<table>.pdf`` and ``.png``.
 """

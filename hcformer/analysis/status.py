@@ -1,10 +1,10 @@
-"""``hcformer status``: where a campaign stands, per paper table (issue #9, item 2).
+"""``hcformer status``: where a campaign stands, per paper table (docs/campaign.md).
 
     hcformer status [--results results] [--scale smoke] [--table ID] [--seeds 0 1 2] [--json]
 
 For every paper table it counts the runs the table needs (experiment x seed) that are
 
-- ``done``: ``metrics.json`` exists (the run folder's last file, DESIGN.md flow step 5);
+- ``done``: ``metrics.json`` exists (the run folder's last file, docs/interfaces.md);
 - ``running``: a live job owns the folder: the SLURM job recorded in ``job.json`` is still in
   the queue (``squeue``, asked once for all recorded ids), or the recorded local process, or the
   process holding the run-folder lock, is alive on this host, or (when neither can be asked)

@@ -1,4 +1,4 @@
-"""Synthetic scenes for the ``tiny`` and ``smoke`` scales (DESIGN.md, "Conventions").
+"""Synthetic scenes for the ``tiny`` and ``smoke`` scales (docs/tiny-scale.md).
 
 A scene has 2-3 *stuff* regions with irregular boundaries (the argmax of random smooth
 fields) and 2-5 *things* (disc, square, triangle, ring; 12+ px across at 128x128), some

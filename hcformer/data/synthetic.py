@@ -1,7 +1,7 @@
 """Synthetic scenes written in the real on-disk formats (``hcformer synth-data``).
 
 The ``tiny`` and ``smoke`` scales train and evaluate on these through the real readers and
-evaluators (DESIGN.md, "Conventions"); the scenes themselves are :mod:`hcformer.data.scenes`
+evaluators (docs/tiny-scale.md); the scenes themselves are :mod:`hcformer.data.scenes`
 (things with instance ids, crowds, VOID, stuff; colour pairs), each image drawn from its own
 generator ``default_rng([seed, split, index])``, so a seed fixes the dataset.
 

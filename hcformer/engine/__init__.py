@@ -1,5 +1,5 @@
-"""Training and evaluation loops, checkpoints and resume, DDP, AMP (DESIGN.md "The flow of one
-experiment", "Signals, randomness, checkpoints").
+"""Training and evaluation loops, checkpoints and resume, DDP, AMP: one run into its run folder
+(docs/interfaces.md, "The run folder"), stopped cleanly by signals, replayed exactly on resume.
 
 - :mod:`~hcformer.engine.train`: ``hcformer train`` / :func:`~hcformer.engine.train.train`;
 - :mod:`~hcformer.engine.evaluate`: ``hcformer evaluate`` / :func:`~hcformer.engine.evaluate.evaluate`;

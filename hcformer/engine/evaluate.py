@@ -6,8 +6,7 @@ augmentation), post-processes the final prediction as MaskFormer
 (:mod:`hcformer.models.postprocess`: the masks at the model's output stride (HCFormer:
 32 / 2**L) -> one bilinear resize to the padded input -> crop -> resize to the original
 image), writes the predictions under ``DIR/predictions`` in the official formats and scores
-them with :mod:`hcformer.evaluation`. Metrics, in percent
-(DESIGN.md "Conventions"):
+them with :mod:`hcformer.evaluation`. Metrics, in percent as the paper prints them:
 
 - coco_panoptic: ``pq pq_th pq_st`` (+ ``sq rq``), ``ap_th_pan`` (COCO mask AP of the thing
   masks of the panoptic model, top-100 instance inference restricted to thing classes, against

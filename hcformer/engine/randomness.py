@@ -1,9 +1,8 @@
 """Randomness keyed by (seed, iteration, global sample index), never by process.
 
-DESIGN.md "Signals, randomness, checkpoints": every draw is a pure function of the run's seed
-and of where it happens, so that DDP with N processes gives the same samples, the same point
-samples and the same data order as one process with the same global batch, and a resumed run
-replays exactly. ``global_index`` is the position of a sample in the global batch (0..B-1).
+Every draw is a pure function of the run's seed and of where it happens, so that DDP with N
+processes gives the same samples, the same point samples and the same data order as one process
+with the same global batch, and a resumed run replays exactly. ``global_index`` is the position of a sample in the global batch (0..B-1).
 
 - data order: one permutation of the training set per epoch, keyed by (seed, epoch);
 - augmentation: ``numpy.random.default_rng([seed, iteration, global_index])``;

@@ -1,4 +1,4 @@
-"""Stopping a training run cleanly: signals and a Python-level hook (DESIGN.md "Signals").
+"""Stopping a training run cleanly: signals and a Python-level hook (docs/pipeline.md, "One run").
 
 Outside submitit, SIGTERM, SIGINT and SIGUSR1 (what SLURM sends before preemption or time-out)
 ask the training loop to save ``checkpoints/last.pt`` at the next iteration boundary and exit

@@ -1,4 +1,4 @@
-"""Launchers: one job per run that trains then evaluates (DESIGN.md, flow steps 3-5).
+"""Launchers: one job per run that trains then evaluates (docs/pipeline.md, "One run").
 
 - :mod:`hcformer.launch.run`: ``hcformer run`` (submit through a launcher and wait);
 - :mod:`hcformer.launch.job`: what a job runs (:class:`~hcformer.launch.job.RunJob`, submitit's

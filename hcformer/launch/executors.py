@@ -1,8 +1,8 @@
 """Submitit executors for the ``slurm`` and ``local`` launchers, and waiting on their jobs.
 
-DESIGN.md, flow step 4: a run rule calls ``hcformer run``, which submits one job per run through
-submitit and blocks until it ends, so Snakemake never needs to know SLURM. This module holds the
-submitit side: the SLURM options (:class:`SlurmOptions`), building an executor, and a handle
+A run rule calls ``hcformer run``, which submits one job per run through submitit and blocks
+until it ends, so Snakemake never needs to know SLURM (docs/pipeline.md, "One run"). This module
+holds the submitit side: the SLURM options (:class:`SlurmOptions`), building an executor, and a handle
 (:class:`JobHandle`) that tells whether a job (submitted now, or recorded in ``job.json`` by an
 earlier process) has ended, without importing torch.
 """

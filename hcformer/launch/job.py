@@ -1,12 +1,12 @@
 """What one job runs: train, then evaluate, for one or more (experiment, seed) run folders.
 
-DESIGN.md, "The flow of one experiment" step 3: a run trains and then evaluates in one job, at
-every scale (one process start, one queue wait, one GPU allocation). :class:`RunJob` is the
+A run trains and then evaluates in one job, at every scale (one process start, one queue wait,
+one GPU allocation). :class:`RunJob` is the
 callable that submitit pickles and runs on the compute node (``slurm``, ``local``) or that
 ``hcformer run --launcher inline`` calls in-process; the engine is imported only inside it, so
 the process that submits and waits never imports torch.
 
-Preemption and time-out (DESIGN.md, "Signals, randomness, checkpoints"): under submitit the
+Preemption and time-out (docs/pipeline.md, "One run"): under submitit the
 signal (USR2) reaches submitit's handler, which calls :meth:`RunJob.checkpoint`. That asks the
 engine to save at the next iteration boundary (``hcformer.engine.signals.request_stop``), waits
 for it, and hands submitit a resubmission of the same job: the requeued job reruns the same

@@ -1,6 +1,6 @@
 """``hcformer run``: train then evaluate (experiment, seed) runs through a launcher, and wait.
 
-DESIGN.md, flow steps 3-5. One job per run trains then evaluates (one process start):
+docs/pipeline.md, "One run". One job per run trains then evaluates (one process start):
 
 - ``slurm``: one SLURM job per run through submitit (GPUs, DDP tasks, requeue on preemption and
   time-out; logs opened in append mode so they survive a requeue);

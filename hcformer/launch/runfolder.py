@@ -1,4 +1,6 @@
-"""The launcher's side of a run folder: ``job.json`` and the run-folder lock (DESIGN.md, flow step 5).
+"""The launcher's side of a run folder: ``job.json`` and the run-folder lock.
+
+The whole run folder: docs/interfaces.md, "The run folder".
 
 ``results/<scale>/runs/<exp_id>/seed<k>/`` belongs to one run. Two files here are the launcher's:
 

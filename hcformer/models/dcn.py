@@ -2,7 +2,7 @@
 
 Sec. 2.5 / App. E.2: the strided convolutions whose outputs are the coarse pixels of a
 clustering module become DCNv2 (Zhu et al. 2019), so the network can choose which pixels to
-sample. As the authors' code (implementation-notes.md, "DCNv2 downsampling"):
+sample. As the authors' code (``DeformConv`` in its hcformer/modeling/backbone/utils.py):
 
 - offsets and modulation mask come from a plain 3x3 conv with the DCN's stride, padding 1 and
   ``3 * k * k`` outputs (27 for a 3x3 DCN, 3 for a 1x1), weights and bias zero-initialised, so

@@ -4,9 +4,9 @@ The authors' detectron2 ResNet uses ``FrozenBatchNorm2d`` everywhere: batch stat
 never updated and the affine transform is never trained, so train and eval modes give the same
 output. As there (and as ``torchvision.ops.misc.FrozenBatchNorm2d``), the statistics AND the
 affine ``weight``/``bias`` are buffers, not parameters. That is also what the paper's count
-needs: implementation-notes.md hand-counts 38.4M for HCFormer R50 and 45.8M for HCFormer+ R50;
-with the affine as (frozen) parameters the R50 models count 38.44M and 45.87M (45.9M, off the
-hand count), with the affine as buffers 38.39M and 45.82M (both match).
+needs: a count by hand from the authors' code gives 38.4M for HCFormer R50 and 45.8M for
+HCFormer+ R50; with the affine as (frozen) parameters the R50 models count 38.44M and 45.87M
+(45.9M, off the hand count), with the affine as buffers 38.39M and 45.82M (both match).
 
 torchvision's class cannot be used as timm's ``norm_layer`` (timm passes ``device``/``dtype``)
 and keeps float32 under AMP; this one takes both keywords and follows the input's dtype.

@@ -1,4 +1,4 @@
-"""MLflow mirror of the run folders (DESIGN.md step 6): one MLflow run per run folder.
+"""MLflow mirror of the run folders (docs/pipeline.md, "MLflow"): one MLflow run per run folder.
 
 ``ensure_store(uri)`` creates a store once before parallel runs; ``check_live(run_dir, config,
 info)`` refuses live logging to a SQLite or file store on a network file system;

@@ -1,7 +1,7 @@
 """Where MLflow runs go: the tracking URI, the one-time creation of a SQLite store, and the check
 that keeps live logging off network file systems.
 
-Default store: ``sqlite:///<results>/<scale>/mlflow.db`` (DESIGN.md step 6), where
+Default store: ``sqlite:///<results>/<scale>/mlflow.db`` (docs/pipeline.md, "MLflow"), where
 ``<results>/<scale>`` is the scale's results root (the parent of the ``runs/`` folder that holds
 the run folder); any URI through ``cfg.tracking.uri`` or ``MLFLOW_TRACKING_URI`` (a tracking
 server on clusters). A brand-new SQLite store must be created once before parallel writers start

@@ -1,6 +1,6 @@
 """``hcformer sync-mlflow --results DIR [--uri U]``: fill MLflow in from the run folders.
 
-The run folders are the source of truth (DESIGN.md step 6). For every run folder under DIR
+The run folders are the source of truth (docs/pipeline.md, "MLflow"). For every run folder under DIR
 (a folder with ``config.yaml``):
 
 - with ``metrics.json`` and no MLflow run yet (matched by the ``run_dir`` tag): a FINISHED run

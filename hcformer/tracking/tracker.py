@@ -1,4 +1,4 @@
-"""One MLflow run per run folder (DESIGN.md step 6).
+"""One MLflow run per run folder (docs/pipeline.md, "MLflow").
 
 - experiment ``hcformer/<scale>/<dataset>``, tagged ``mlflow.experimentKind`` =
   ``custom_model_development`` (MLflow 3's UI then opens it on its training runs, not on the

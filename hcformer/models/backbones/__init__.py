@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 # The ImageNet weights the authors start from (Mask2Former's): torchvision's ResNets, Swin-S
-# on ImageNet-1K at 224, Swin-L on ImageNet-22K at 384 (implementation-notes.md).
+# on ImageNet-1K at 224, Swin-L on ImageNet-22K at 384 (docs/fidelity.md, D3).
 PAPER_PRETRAINED = {
     "resnet50": "timm:resnet50.tv_in1k",
     "resnet101": "timm:resnet101.tv_in1k",

@@ -2,7 +2,7 @@
 
 The trunk is timm's ResNet (torchvision-style bottlenecks: the stride sits in the 3x3 conv),
 with every BatchNorm frozen and no classifier. Around it, as the authors' code
-(implementation-notes.md, "Clustering module" and "DCNv2 downsampling"):
+(its hcformer/modeling/backbone/resnet.py and utils.py):
 
 - a ``ClusteringModule`` at each of the last ``hierarchy_level`` downsamplings into layer2,
   layer3, layer4 (fine/coarse channels 256/512, 512/1024, 1024/2048 at the paper's size). The

@@ -2,7 +2,7 @@
 
 The trunk is timm's ``SwinTransformer`` (its patch embedding and four stages, adopted under the
 same names so Swin checkpoints load as is; no classifier). Around it, as the authors' code
-(implementation-notes.md, "Clustering module"):
+(its hcformer/modeling/backbone/hcswin.py and utils.py):
 
 - a ``ClusteringModule`` at the downsampling out of stage i (i = 0, 1, 2) when
   ``3 - i <= hierarchy_level``. Fine = the output of stage i before any output norm;
@@ -37,7 +37,7 @@ from hcformer.models.backbones.common import (
 )
 from hcformer.models.clustering import ClusteringModule
 
-# The paper's sizes (implementation-notes.md, "Training protocol as configured").
+# The paper's sizes, as the authors' configs set them (their configs/*/*/swin/*.yaml).
 SWIN_SIZES = {
     "swin_s": {
         "timm_name": "swin_small_patch4_window7_224",
