@@ -8,7 +8,7 @@ clipping, AdamW) on random images at the config's training crop with random targ
 rectangles per image), so no dataset is needed. The batch is ``--batch`` (default: the config's
 global batch) and halves on CUDA out-of-memory until it fits. Writes JSON: device, amp, batch,
 seconds per iteration (median and mean of the timed iterations), images per second, peak GPU
-memory. Used for the GPU-hour budget of a campaign (issue #9).
+memory. Used for the GPU-hour budget of a campaign (``hcformer budget``, docs/campaign.md).
 """
 
 from __future__ import annotations
