@@ -1,4 +1,4 @@
-"""``hcformer train``: train one experiment into a run folder (App. D, DESIGN.md flow step 5).
+"""``hcformer train``: train one experiment into a run folder (App. D; docs/interfaces.md).
 
     hcformer train --experiment ID --scale paper|tiny|smoke --seed S --run-dir DIR [--set k=v ...]
     hcformer train --config FILE --seed S --run-dir DIR [--set k=v ...]
