@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# What may not appear (case-sensitive where the brief's spelling is: ``Issue #``/``issue #``).
+# What may not appear ("issue #" in either spelling: ``Issue #``, ``issue #``, ``issues #``).
 FORBIDDEN = re.compile(
     r"DESIGN\.md"
     r"|implementation-notes"
