@@ -144,6 +144,7 @@ def test_save_now_from_a_signal_handler_writes_the_last_completed_iteration(tmp_
             self.run_dir = tmp_path
             self.iteration = 7
             self._update_lock = threading.Lock()
+            self._pending = []  # no step since the last read
 
         def state(self):
             return {"iteration": self.iteration}

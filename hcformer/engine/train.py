@@ -171,6 +171,8 @@ class Trainer:
         self.elapsed = 0.0  # training seconds over all attempts
         self._wait_group = None  # gloo group the other processes wait in during a validation
         self._update_lock = threading.Lock()
+        # (iteration, names, device values) of the steps not yet read (read_stats).
+        self._pending: list[tuple[int, list[str], Any]] = []
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -270,6 +272,13 @@ class Trainer:
             return None
         # Blocked signals: a handler calling save_now() never re-enters a save in progress.
         with signals.signals_blocked(), self._update_lock:
+            if not self._pending_finite():  # weights past a non-finite loss: never saved
+                print(
+                    f"hcformer train: a loss since the last read is not finite; "
+                    f"iteration {self.iteration} not saved",
+                    file=sys.stderr,
+                )
+                return None
             return save_checkpoint(self.state(), self.run_dir / CHECKPOINTS)
 
     # -- data ---------------------------------------------------------------------------------
@@ -281,33 +290,42 @@ class Trainer:
         return [indices[i : i + self.micro] for i in range(0, len(indices), self.micro)]
 
     # -- one iteration ----------------------------------------------------------------------
-    def step(self, prefetched: list[Pass] | None = None) -> dict[str, float]:
-        """One iteration over the global batch; returns this process's loss shares.
-        ``prefetched``: this iteration's passes from :func:`hcformer.engine.batches.iterate`
-        (made here when absent)."""
+    def step(self, prefetched: list[Pass] | None = None) -> tuple[list[str], Any]:
+        """One iteration over the global batch; returns the names and a float64 device tensor
+        of this process's loss shares (and ``grad_norm``), also kept for the next
+        :meth:`read_stats`. ``prefetched``: this iteration's passes from
+        :func:`hcformer.engine.batches.iterate` (made here when absent).
+
+        Nothing here waits for the device but the matching (one copy of every cost matrix to
+        the host per pass, :func:`hcformer.losses.matcher.costs_to_host`): the logged values
+        and the non-finite check are read every ``solver.log_every`` iterations
+        (:meth:`read_stats`)."""
         import torch
 
         from hcformer.engine import signals
         from hcformer.engine.batches import to_device
         from hcformer.engine.distributed import all_reduce_sum
         from hcformer.engine.randomness import point_generator, seed_dropout
-        from hcformer.losses import LossNorm, summarize
+        from hcformer.losses import LossNorm, summary_values
 
         it = self.iteration
         if prefetched is None:
             prefetched = self.batches[it]
+        # The normalisers from the host's targets, before they move (no wait for the device).
+        norms = [
+            self.criterion.norm_for(targets, self.cfg.model.head.queries)
+            for _, targets, _ in prefetched
+        ]
+        if self.dist.enabled:  # summed over processes: a wait, in DDP only
+            local = sum((n.as_tensor() for n in norms), torch.zeros(4, dtype=torch.float64))
+            norm = LossNorm.from_tensor(all_reduce_sum(local.to(self.device)).cpu())
+        else:
+            norm = LossNorm.total(norms)
         passes = [
             (*to_device(images, targets, self.device), idx) for images, targets, idx in prefetched
         ]
-        local = sum(
-            (
-                self.criterion.norm_for(targets, self.cfg.model.head.queries).as_tensor()
-                for _, targets, _ in passes
-            ),
-            torch.zeros(4, dtype=torch.float64),
-        )
-        norm = LossNorm.from_tensor(all_reduce_sum(local.to(self.device)).cpu())
-        totals: dict[str, float] = {}
+        keys: list[str] = []
+        totals = None
         for n, (images, targets, indices) in enumerate(passes):
             seed_dropout(self.seed, it, indices[0])
             sync = n == len(passes) - 1 or not self.dist.enabled
@@ -320,16 +338,16 @@ class Trainer:
                 # Shares of the global loss; DDP averages gradients over processes, so scale back.
                 loss = sum(losses.values()) * self.dist.world_size
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            for key, value in summarize(losses).items():
-                totals[key] = totals.get(key, 0.0) + value
-        self.check_finite(it + 1, totals)
+            keys, values = summary_values(losses)
+            totals = values if totals is None else totals + values
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.solver.clip_grad > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), self.cfg.solver.clip_grad
             )
-            totals["grad_norm"] = float(grad_norm) / max(self.dist.world_size, 1)
+            share = grad_norm.detach().double().reshape(1) / max(self.dist.world_size, 1)
+            keys, totals = [*keys, "grad_norm"], torch.cat([totals, share])
         with signals.signals_blocked(), self._update_lock:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -339,29 +357,70 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.iteration = it + 1
-        return totals
+            self._pending.append((it + 1, keys, totals))
+        return keys, totals
 
-    def check_finite(self, iteration: int, totals: dict[str, float]) -> None:
-        """Stop before a NaN/inf loss reaches the weights (as detectron2's trainer, which the
-        authors' code runs on): nothing is saved, ``last.pt`` stays the last good checkpoint."""
+    def read_stats(self) -> list[tuple[int, dict[str, float]]]:
+        """The logged values of every iteration since the last read, summed over processes,
+        read from the device in one copy (a wait); raises :class:`HCFormerError` at the first
+        iteration whose loss is not finite (:meth:`check_finite`)."""
         import torch
 
         from hcformer.engine.distributed import all_reduce_sum
 
-        bad = {k: v for k, v in totals.items() if not math.isfinite(v)}
-        flag = torch.tensor([1.0 if bad else 0.0], dtype=torch.float64, device=self.device)
-        if float(all_reduce_sum(flag)) == 0:
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        stacked = torch.stack([values for _, _, values in pending])
+        rows = all_reduce_sum(stacked).cpu().tolist()
+        out = [(it, dict(zip(keys, row, strict=True))) for (it, keys, _), row in zip(pending, rows)]
+        for it, totals in out:
+            self.check_finite(it, totals)
+        return out
+
+    def check_finite(self, iteration: int, totals: dict[str, float]) -> None:
+        """Stop at a NaN/inf loss (as detectron2's trainer, which the authors' code runs on),
+        read every ``solver.log_every`` iterations and before any checkpoint or validation:
+        the weights since are never saved, ``last.pt`` stays the last good checkpoint.
+        ``totals``: the iteration's values summed over processes (``grad_norm`` is not checked:
+        AMP skips the steps whose gradients overflow)."""
+        bad = {k: v for k, v in totals.items() if k != "grad_norm" and not math.isfinite(v)}
+        if not bad:
             return
         from hcformer.engine.checkpoint import latest_checkpoint
         from hcformer.engine.runinfo import CHECKPOINTS
 
         terms = [k for k in sorted(bad) if k != "loss"] or sorted(bad)
-        shown = ", ".join(f"{k} = {bad[k]}" for k in terms) or "on another process"
+        shown = ", ".join(f"{k} = {bad[k]}" for k in terms)
         kept = latest_checkpoint(self.run_dir / CHECKPOINTS)
         raise HCFormerError(
-            f"iteration {iteration}: the loss is not finite ({shown}); stopped before updating "
-            f"the weights; {f'last good checkpoint {kept} kept' if kept else 'no checkpoint yet'}"
+            f"iteration {iteration}: the loss is not finite ({shown}); stopped at iteration "
+            f"{self.iteration} without saving the weights since; "
+            f"{f'last good checkpoint {kept} kept' if kept else 'no checkpoint yet'}"
         )
+
+    def _pending_finite(self) -> bool:
+        """Whether every loss since the last :meth:`read_stats` is finite (this process's
+        shares; a wait): what :meth:`save` checks before writing weights."""
+        import torch
+
+        if not self._pending:
+            return True
+        losses = [v[: len(k) - (k[-1] == "grad_norm")] for _, k, v in self._pending]
+        return bool(torch.isfinite(torch.cat(losses)).all())
+
+    def stop_agreed(self) -> bool:
+        """Whether a stop was requested (on any process: a wait for the all-reduce in DDP; the
+        host's flag alone on one process)."""
+        import torch
+
+        from hcformer.engine import signals
+        from hcformer.engine.distributed import all_reduce_sum
+
+        if not self.dist.enabled:
+            return signals.stop_requested()
+        flag = torch.tensor([1.0 if signals.stop_requested() else 0.0], device=self.device)
+        return float(all_reduce_sum(flag)) > 0
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, *, progress: bool = True) -> TrainResult:
@@ -370,7 +429,6 @@ class Trainer:
         from hcformer.engine import signals
         from hcformer.engine.batches import iterate
         from hcformer.engine.checkpoint import atomic_torch_save
-        from hcformer.engine.distributed import all_reduce_sum
         from hcformer.engine.runinfo import FINAL_WEIGHTS
 
         solver = self.cfg.solver
@@ -408,17 +466,19 @@ class Trainer:
                 self.validate(log, tracker, bar)
             while self.iteration < total:
                 started = time.perf_counter()
-                totals = self.step(next(batches))
-                self.elapsed += time.perf_counter() - started
+                self.step(next(batches))
                 it = self.iteration
-                if it % max(solver.log_every, 1) == 0 or it == total:
-                    keys = sorted(totals)
-                    values = all_reduce_sum(
-                        torch.tensor(
-                            [totals[k] for k in keys], dtype=torch.float64, device=self.device
-                        )
-                    ).tolist()
-                    entry = {"iteration": it, **dict(zip(keys, values))}
+                log_due = it % max(solver.log_every, 1) == 0 or it == total
+                save_due = solver.checkpoint_every > 0 and it % solver.checkpoint_every == 0
+                if log_due or save_due or self.validation_due(it):
+                    # The one read of the logged values (and the non-finite check) since the
+                    # last: nothing past a non-finite loss is logged, validated or saved. It
+                    # waits for the device, so it counts as training time.
+                    read = self.read_stats()
+                self.elapsed += time.perf_counter() - started
+                if log_due:
+                    totals = read[-1][1]
+                    entry = {"iteration": it, **{k: totals[k] for k in sorted(totals)}}
                     entry["lr"] = max(g["lr"] for g in self.optimizer.param_groups)
                     entry["time"] = round(self.elapsed, 3)
                     entry["timestamp"] = round(time.time(), 3)
@@ -432,10 +492,10 @@ class Trainer:
                     bar.update(it, entry)
                 if self.validation_due(it):
                     self.validate(log, tracker, bar)
-                flag = torch.tensor([1.0 if signals.stop_requested() else 0.0], device=self.device)
-                if float(all_reduce_sum(flag)) > 0:
+                if self.stop_agreed():
                     stopped = it < total
                     if stopped:
+                        self.read_stats()
                         self.save()
                         break
                 if solver.checkpoint_every > 0 and it % solver.checkpoint_every == 0 and it < total:

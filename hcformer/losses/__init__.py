@@ -15,6 +15,7 @@ from hcformer.losses.criterion import (
     local_norm,
     regulariser,
     summarize,
+    summary_values,
 )
 from hcformer.losses.matcher import HungarianMatcher, pairwise_dice, pairwise_sigmoid_ce
 from hcformer.losses.point_sampling import importance_points, point_sample, uniform_points
@@ -36,6 +37,7 @@ __all__ = [
     "point_sample",
     "regulariser",
     "summarize",
+    "summary_values",
     "uniform_points",
 ]
 

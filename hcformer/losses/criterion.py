@@ -31,16 +31,19 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
-from hcformer.losses.matcher import HungarianMatcher
+from hcformer.losses.matcher import HungarianMatcher, assign, costs_to_host, sample_targets
 from hcformer.losses.point_sampling import (
     importance_draws,
     importance_points,
     point_sample,
     point_sample_rows,
+    row_slots,
 )
 
 PER_PIXEL_HEADS = ("fcn32s", "fpn", "pspnet", "deeplabv3")
@@ -74,11 +77,27 @@ class LossNorm:
         values = [float(v) for v in t.tolist()]
         return cls(values[0], max(values[1], 1.0), values[2], max(values[3], 1.0))
 
+    @classmethod
+    def total(cls, norms: list[LossNorm]) -> LossNorm:
+        """The sum of ``norms`` (as :meth:`from_tensor` of the sum of their tensors), on the
+        host."""
+        values = [0.0] * 4
+        for n in norms:
+            fields = (n.num_images, n.num_masks, n.class_weight_sum, n.num_pixels)
+            values = [v + f for v, f in zip(values, fields, strict=True)]
+        return cls(values[0], max(values[1], 1.0), values[2], max(values[3], 1.0))
+
 
 def local_norm(
-    targets: list[dict[str, Tensor]], *, num_queries: int, no_object_weight: float
+    targets: list[dict[str, Tensor]],
+    *,
+    num_queries: int,
+    no_object_weight: float,
+    count_pixels: bool = True,
 ) -> LossNorm:
-    """The :class:`LossNorm` counts of a list of targets (sum them over the global batch)."""
+    """The :class:`LossNorm` counts of a list of targets (sum them over the global batch);
+    without ``count_pixels`` (the mask losses do not use it) the pixel count is 0 and only the
+    targets' shapes are read."""
     masks = 0.0
     weight_sum = 0.0
     pixels = 0.0
@@ -87,18 +106,74 @@ def local_norm(
         matched = min(n, num_queries)
         masks += n
         weight_sum += matched + (num_queries - matched) * no_object_weight
-        if "sem_seg" in t:
+        if count_pixels and "sem_seg" in t:
             pixels += float((t["sem_seg"] != 255).sum())
     return LossNorm(float(len(targets)), masks, weight_sum, pixels)
 
 
-class Matched(NamedTuple):
-    """The matched masks of one prediction set, as the mask loss reads them."""
+class Assignment(NamedTuple):
+    """Every prediction set's matches, as the losses read them: one row per matched query, set
+    after set and image after image within a set (device tensors from ONE host-to-device copy;
+    the counts stay on the host)."""
 
-    rows: Tensor  # their rows of the set's masks: [N, H, W] logits or [N, C] coefficients
-    images: Tensor  # [N] the image of each
-    target_ids: Tensor  # [N] the row of each one's target in the batch's target stack
-    draws: tuple[Tensor, Tensor]  # the random part of their point sampling (importance_draws)
+    class_pos: Tensor  # [M] flat position (set, image, query) of each matched query
+    images: Tensor  # [M] its image
+    queries: Tensor  # [M] its query
+    target_ids: Tensor  # [M] the row of its target in the batch's target stack
+    set_index: Tensor  # [M] its prediction set
+    by_image: Tensor  # [M] the rows in image order (stable), for masks_over_basis
+    unsort: Tensor  # [M] the inverse of by_image
+    slot: Tensor  # [M] point_sample_rows' slot of each row among the rows of its target
+    max_rows: int  # the most rows of one target
+    per_set: list[int]  # rows of each set
+    per_image: list[int]  # rows of each image over all sets
+
+
+def host_assignment(
+    indices: list[list[tuple[np.ndarray, np.ndarray]]],
+    firsts: list[int],
+    num_queries: int,
+    device,
+) -> Assignment:
+    """The :class:`Assignment` of :func:`~hcformer.losses.matcher.assign`'s host indices, sent
+    to ``device`` in one copy."""
+    num_images = len(firsts)
+    images, queries, target_ids, set_index = [], [], [], []
+    for s, per_set in enumerate(indices):
+        for b, (src, tgt) in enumerate(per_set):
+            images.append(np.full(len(src), b, dtype=np.int64))
+            queries.append(src)
+            target_ids.append(firsts[b] + tgt)
+            set_index.append(np.full(len(src), s, dtype=np.int64))
+    images_np, queries_np, targets_np, sets_np = (
+        np.concatenate(x).astype(np.int64) for x in (images, queries, target_ids, set_index)
+    )
+    class_pos = (sets_np * num_images + images_np) * num_queries + queries_np
+    by_image = np.argsort(images_np, kind="stable")
+    slot, max_rows = row_slots(targets_np)
+    host = torch.from_numpy(
+        np.stack(
+            [
+                class_pos,
+                images_np,
+                queries_np,
+                targets_np,
+                sets_np,
+                by_image,
+                np.argsort(by_image),
+                slot,
+            ]
+        )
+    )
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    on_device = host.to(device, non_blocking=True)
+    return Assignment(
+        *on_device.unbind(0),
+        max_rows=max_rows,
+        per_set=[sum(len(src) for src, _ in per_set) for per_set in indices],
+        per_image=np.bincount(images_np, minlength=num_images).tolist(),
+    )
 
 
 def regulariser(cluster_scales: list[Tensor], weight: float) -> Tensor | None:
@@ -153,96 +228,106 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def norm_for(self, targets: list[dict[str, Tensor]], num_queries: int) -> LossNorm:
-        return local_norm(targets, num_queries=num_queries, no_object_weight=self.no_object_weight)
-
-    def _class_loss(
-        self, logits: Tensor, targets: list[dict[str, Tensor]], indices, norm: LossNorm
-    ) -> Tensor:
-        target_classes = torch.full(
-            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        return local_norm(
+            targets,
+            num_queries=num_queries,
+            no_object_weight=self.no_object_weight,
+            count_pixels=False,
         )
-        for b, (src, tgt) in enumerate(indices):
-            target_classes[b, src.to(logits.device)] = targets[b]["labels"][tgt.to(logits.device)]
-        ce = F.cross_entropy(
-            logits.float().transpose(1, 2),
-            target_classes,
-            weight=self.empty_weight.to(logits.device),
-            reduction="sum",
-        )
-        return ce / norm.class_weight_sum
 
-    def _matched_masks(
+    def _draws(
         self,
-        masks: Tensor,
-        targets: list[dict[str, Tensor]],
-        indices,
+        num_sets: int,
+        counts: list[int],
+        num_queries: int,
         generators: list[torch.Generator],
-    ) -> Matched | None:
-        """The matched masks of one prediction set (``None`` without targets); each image's
-        random draws come from its own generator."""
-        # All images at once (indexing image by image would make backward write a zero tensor
-        # of the whole batch per image).
-        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
-        if batch_idx.numel() == 0:
-            return None
-        batch_idx = batch_idx.to(masks.device)
-        src_rows = masks[batch_idx, torch.cat([src for src, _ in indices]).to(masks.device)]
-        # Each matched target's row in the batch's stack of target masks (``forward``).
-        target_ids = torch.cat(
-            [targets[b]["first"] + tgt.to(masks.device) for b, (_, tgt) in enumerate(indices)]
+        device,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Every random draw of a step, up front, in the order the sets are scored: per set,
+        each image with targets draws its matcher points, then the importance-sampling
+        candidates and extras of its ``min(N, Q)`` matched masks (their number is known before
+        matching). Returns the matcher points ``[S, B, P, 2]`` and the loss draws of every
+        matched mask, set after set, image after image."""
+        coords, candidates, extras = [], [], []
+        for _ in range(num_sets):
+            coords.append(self.matcher.draw_points(counts, generators, device))
+            for b, n in enumerate(counts):
+                c, e = importance_draws(
+                    min(n, num_queries),
+                    num_points=self.num_points,
+                    oversample_ratio=self.oversample_ratio,
+                    importance_sample_ratio=self.importance_sample_ratio,
+                    generator=generators[b],
+                    device=device,
+                )
+                candidates.append(c)
+                extras.append(e)
+        return torch.stack(coords), (torch.cat(candidates), torch.cat(extras))
+
+    def _class_losses(
+        self, logits: Tensor, labels: Tensor, assignment: Assignment | None, norm: LossNorm
+    ) -> Tensor:
+        """``[S]`` class losses of the ``[S, B, Q, K+1]`` logits: matched queries take their
+        target's class (``labels``: the batch's ``[T]`` target classes), the others "no
+        object"."""
+        s, b, q, _ = logits.shape
+        target_classes = torch.full(
+            (s * b * q,), self.num_classes, dtype=torch.int64, device=logits.device
         )
-        draws = [
-            importance_draws(
-                len(src),
-                num_points=self.num_points,
-                oversample_ratio=self.oversample_ratio,
-                importance_sample_ratio=self.importance_sample_ratio,
-                generator=generators[b],
-                device=masks.device,
-            )
-            for b, (src, _) in enumerate(indices)
-        ]
-        candidates = torch.cat([c for c, _ in draws])
-        return Matched(
-            src_rows, batch_idx, target_ids, (candidates, torch.cat([e for _, e in draws]))
-        )
+        if assignment is not None:
+            target_classes[assignment.class_pos] = labels[assignment.target_ids]
+        ce = F.cross_entropy(
+            logits.flatten(0, 1).transpose(1, 2),
+            target_classes.view(s * b, q),
+            weight=self.empty_weight.to(logits.device),
+            reduction="none",
+        )  # [S * B, Q]
+        return ce.view(s, b * q).sum(1) / norm.class_weight_sum
 
     def _mask_losses(
         self,
-        matched: list[Matched],
+        masks: list[Tensor],
+        assignment: Assignment,
+        draws: tuple[Tensor, Tensor],
         target_stack: Tensor,
         norm: LossNorm,
         mask_basis: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        """BCE and dice of each set in ``matched`` (``[sets]`` each), on importance-sampled
-        points; the sets are sampled and scored in one pass. With ``mask_basis`` the matched
-        rows are coefficients over it, and only the matched masks are ever formed."""
-        rows = torch.cat([m.rows for m in matched])
+        """BCE and dice of each set (``[S]`` each) on importance-sampled points of its matched
+        masks; the sets are sampled and scored in one pass. With ``mask_basis`` the sets'
+        masks are coefficients over it, and only the matched masks are ever formed."""
+        images = assignment.images.split(assignment.per_set)
+        queries = assignment.queries.split(assignment.per_set)
+        # All images of a set at once (indexing image by image would make backward write a
+        # zero tensor of the whole batch per image).
+        rows = torch.cat(
+            [m[i, q] for m, i, q in zip(masks, images, queries, strict=True)]
+        )  # [M, h, w] logits or [M, C] coefficients
         if mask_basis is None:
             src_masks = rows[:, None].float()
         else:
-            images = torch.cat([m.images for m in matched])
-            src_masks = masks_over_basis(rows, images, mask_basis)[:, None]
-        target_ids = torch.cat([m.target_ids for m in matched])
-        draws = (
-            torch.cat([m.draws[0] for m in matched]),
-            torch.cat([m.draws[1] for m in matched]),
-        )
+            src_masks = masks_over_basis(
+                rows,
+                mask_basis,
+                order=(assignment.by_image, assignment.unsort),
+                counts=assignment.per_image,
+            )[:, None]
         coords = importance_points(src_masks.detach(), draws, num_points=self.num_points)
         with torch.no_grad():
-            labels_t = point_sample_rows(target_stack, target_ids, coords)[:, 0]
+            labels_t = point_sample_rows(
+                target_stack,
+                assignment.target_ids,
+                coords,
+                slots=(assignment.slot, assignment.max_rows),
+            )[:, 0]
         logits_t = point_sample(src_masks, coords)[:, 0]
         bce = F.binary_cross_entropy_with_logits(logits_t, labels_t, reduction="none").mean(1)
         probs = logits_t.sigmoid()
         numerator = 2 * (probs * labels_t).sum(-1)
         denominator = probs.sum(-1) + labels_t.sum(-1)
         dice = 1 - (numerator + 1) / (denominator + 1)
-        # Per set: the masks of set i are the i-th block of rows.
-        set_index = torch.cat(
-            [torch.full((len(m.rows),), i, device=rows.device) for i, m in enumerate(matched)]
-        )
-        per_set = torch.zeros(2, len(matched), device=rows.device, dtype=bce.dtype)
-        per_set = per_set.index_add(1, set_index, torch.stack([bce, dice]))
+        per_set = torch.zeros(2, len(masks), device=rows.device, dtype=bce.dtype)
+        per_set = per_set.index_add(1, assignment.set_index, torch.stack([bce, dice]))
         return per_set[0] / norm.num_masks, per_set[1] / norm.num_masks
 
     def forward(
@@ -264,40 +349,48 @@ class SetCriterion(nn.Module):
           targets: per image ``{"labels": [N], "masks": [N, H, W]}`` at the padded input size.
           generators: one per image, the source of its point samples.
           norm: totals over the global batch (default: this batch alone).
+
+        The one wait for the device: every set's matching costs come to the host in one copy
+        (:func:`~hcformer.losses.matcher.assign`), and the matches go back in one copy.
         """
         num_queries = outputs["pred_logits"].shape[1]
         if norm is None:
             norm = self.norm_for(targets, num_queries)
+        device = outputs["pred_logits"].device
         # Float target masks once for all prediction sets (matcher and mask loss sample them):
-        # one stack [T, 1, H, W]; each image's masks are a view of it, from row "first".
-        counts = [len(t["masks"]) for t in targets]
+        # one stack [T, 1, H, W], image after image from row firsts[b].
+        counts = [int(t["labels"].shape[0]) for t in targets]
         target_stack = torch.cat([t["masks"] for t in targets]).float()[:, None]
         firsts = list(accumulate(counts[:-1], initial=0))
-        targets = [
-            dict(t, masks=target_stack[f : f + n, 0], first=f)
-            for t, f, n in zip(targets, firsts, counts, strict=True)
-        ]
-        sets = [("", outputs)]
+        sets = [outputs]
         if self.deep_supervision:
-            sets += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+            sets += list(outputs.get("aux_outputs", []))
         mask_basis = _shared_basis(sets)
-        mask_key = "pred_masks" if mask_basis is None else "mask_coefficients"
-        class_losses, matched = [], []  # matched: per set, its matched masks (scored together)
-        for _, pred in sets:
-            masks = pred[mask_key]
-            indices = self.matcher(
-                pred["pred_logits"], masks, targets, generators, mask_basis=mask_basis
+        masks = [pred["pred_masks" if mask_basis is None else "mask_coefficients"] for pred in sets]
+        logits = torch.stack([pred["pred_logits"].float() for pred in sets])  # [S, B, Q, K+1]
+        labels = torch.cat([t["labels"] for t in targets])
+        assignment = None
+        if any(counts):
+            coords, draws = self._draws(len(sets), counts, num_queries, generators, device)
+            costs = self.matcher.batched_costs(
+                logits,
+                masks,
+                pad_sequence([t["labels"] for t in targets], batch_first=True),
+                sample_targets(target_stack, counts, coords),
+                coords,
+                mask_basis=mask_basis,
             )
-            class_losses.append(self._class_loss(pred["pred_logits"], targets, indices, norm))
-            matched.append(self._matched_masks(masks, targets, indices, generators))
-        if matched[0] is None:  # no targets in the batch: every set is empty
+            indices = assign(costs_to_host(costs), counts)
+            assignment = host_assignment(indices, firsts, num_queries, device)
+            bce, dice = self._mask_losses(masks, assignment, draws, target_stack, norm, mask_basis)
+        else:  # no targets in the batch: every set is empty
             # Zero terms that still reach every mask parameter (DDP expects their gradients).
             zero = 0.0 if mask_basis is None else mask_basis.sum() * 0.0
-            bce = dice = torch.stack([pred[mask_key].sum() * 0.0 + zero for _, pred in sets])
-        else:
-            bce, dice = self._mask_losses(matched, target_stack, norm, mask_basis)
+            bce = dice = torch.stack([m.sum() * 0.0 + zero for m in masks])
+        class_losses = self._class_losses(logits, labels, assignment, norm)
         losses: dict[str, Tensor] = {}
-        for i, (suffix, _) in enumerate(sets):
+        for i in range(len(sets)):
+            suffix = "" if i == 0 else f"_{i - 1}"
             losses["loss_ce" + suffix] = self.class_weight * class_losses[i]
             losses["loss_mask" + suffix] = self.mask_weight * bce[i]
             losses["loss_dice" + suffix] = self.dice_weight * dice[i]
@@ -307,11 +400,11 @@ class SetCriterion(nn.Module):
         return losses
 
 
-def _shared_basis(sets: list[tuple[str, dict]]) -> Tensor | None:
+def _shared_basis(sets: list[dict]) -> Tensor | None:
     """The ``mask_basis`` of the prediction sets (None when they hold dense ``pred_masks``);
     every set must hold its masks the same way, over the same basis."""
-    basis = sets[0][1].get("mask_basis")
-    for _, pred in sets:
+    basis = sets[0].get("mask_basis")
+    for pred in sets:
         if pred.get("mask_basis") is not basis or ("pred_masks" in pred) != (basis is None):
             raise ValueError(
                 "SetCriterion: every prediction set must hold either pred_masks or "
@@ -320,15 +413,23 @@ def _shared_basis(sets: list[tuple[str, dict]]) -> Tensor | None:
     return basis
 
 
-def masks_over_basis(coefficients: Tensor, images: Tensor, basis: Tensor) -> Tensor:
-    """Row n's mask logits ``coefficients[n] @ basis[images[n]]``: ``[N, C]`` coefficients, the
-    ``[N]`` image of each row and a ``[B, C, H, W]`` basis -> ``[N, H, W]`` (float32), one
-    product per image."""
+def masks_over_basis(
+    coefficients: Tensor,
+    basis: Tensor,
+    *,
+    order: tuple[Tensor, Tensor],
+    counts: list[int],
+) -> Tensor:
+    """Row n's mask logits ``coefficients[n] @ basis[image of n]``: ``[N, C]`` coefficients
+    and a ``[B, C, H, W]`` basis -> ``[N, H, W]`` (float32), one product per image.
+
+    ``order`` holds the rows in image order (stable) and its inverse, ``counts`` the rows of
+    each image (host integers, so nothing here waits for the device).
+    """
+    by_image, unsort = order
     flat = basis.float().flatten(2)
-    order = torch.argsort(images, stable=True)
-    counts = torch.bincount(images, minlength=basis.shape[0]).tolist()
-    parts = [c @ flat[b] for b, c in enumerate(coefficients.float()[order].split(counts))]
-    return torch.cat(parts)[torch.argsort(order)].unflatten(-1, basis.shape[-2:])
+    parts = [c @ flat[b] for b, c in enumerate(coefficients.float()[by_image].split(counts))]
+    return torch.cat(parts)[unsort].unflatten(-1, basis.shape[-2:])
 
 
 class PerPixelCriterion(nn.Module):
@@ -380,3 +481,15 @@ def summarize(losses: dict[str, Tensor]) -> dict[str, float]:
         out[term] = out.get(term, 0.0) + float(value.detach())
     out["loss"] = sum(float(v.detach()) for v in losses.values())
     return out
+
+
+def summary_values(losses: dict[str, Tensor]) -> tuple[list[str], Tensor]:
+    """:func:`summarize` on the device, for logging without waiting: the names and a float64
+    ``[terms + 1]`` tensor of the terms summed over prediction sets, then the total."""
+    terms: dict[str, list[int]] = {}
+    for i, key in enumerate(losses):
+        head, _, tail = key.rpartition("_")
+        terms.setdefault(head if tail.isdigit() else key, []).append(i)
+    values = torch.stack([v.detach().reshape(()) for v in losses.values()]).double()
+    sums = [torch.stack([values[i] for i in rows]).sum() for rows in terms.values()]
+    return [*terms, "loss"], torch.stack([*sums, values.sum()])

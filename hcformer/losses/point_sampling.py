@@ -14,6 +14,7 @@ Every draw takes an explicit ``torch.Generator`` so that the engine can key it b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,25 +34,47 @@ def point_sample(values: Tensor, coords: Tensor) -> Tensor:
     return F.grid_sample(values, grid.to(values.dtype), align_corners=False).squeeze(3)
 
 
-def point_sample_rows(values: Tensor, index: Tensor, coords: Tensor) -> Tensor:
+def row_slots(index: np.ndarray) -> tuple[np.ndarray, int]:
+    """The slot of each row among the rows of its map (in row order) and the largest number of
+    rows of a map, from a host ``[N]`` map index (what :func:`point_sample_rows` pads to)."""
+    n = len(index)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    order = np.argsort(index, kind="stable")
+    sorted_index = index[order]
+    starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
+    run = np.repeat(starts, np.diff(np.r_[starts, n]))
+    slot = np.empty(n, dtype=np.int64)
+    slot[order] = np.arange(n) - run
+    return slot, int(slot.max()) + 1
+
+
+def point_sample_rows(
+    values: Tensor, index: Tensor, coords: Tensor, *, slots: tuple[Tensor, int] | None = None
+) -> Tensor:
     """``point_sample(values[index], coords)`` without forming ``values[index]``.
 
     Arguments:
       values: ``[T, C, H, W]`` maps (e.g. every target mask of a batch, once).
       index: ``[N]`` the map each row samples (a map may serve several rows, or none).
       coords: ``[N, P, 2]`` each row's points, as in :func:`point_sample`.
+      slots: ``(slot [N], k)`` of :func:`row_slots` when the host knows the index (then
+        nothing here waits for the device); computed on the device otherwise.
 
     Returns ``[N, C, P]``. The rows of each map are sampled in one pass over it (padded to the
     largest number of rows of a map), so no map is copied however many rows read it.
     """
     n, p = coords.shape[:2]
-    counts = torch.bincount(index, minlength=values.shape[0])
-    k = int(counts.max()) if n else 0
-    # The slot of each row among the rows of its map.
-    order = torch.argsort(index, stable=True)
-    first = torch.cumsum(counts, 0) - counts
-    slot = torch.empty_like(index)
-    slot[order] = torch.arange(n, device=index.device) - first[index[order]]
+    if slots is not None:
+        slot, k = slots
+    else:
+        counts = torch.bincount(index, minlength=values.shape[0])
+        k = int(counts.max()) if n else 0
+        # The slot of each row among the rows of its map.
+        order = torch.argsort(index, stable=True)
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(index)
+        slot[order] = torch.arange(n, device=index.device) - first[index[order]]
     grid = coords.new_zeros(values.shape[0], k, p, 2)
     grid[index, slot] = coords
     out = point_sample(values, grid.flatten(1, 2)).unflatten(2, (k, p))  # [T, C, k, P]
