@@ -265,11 +265,10 @@ def test_summary_values_on_the_device_equal_summarize():
 # No host synchronisation in a training step.
 
 
-def tiny_trainer(root: Path, run_dir: Path, level: int = 3):
+def tiny_config(root: Path, level: int = 3):
     from hcformer.config import build_config
-    from hcformer.engine.train import Trainer
 
-    cfg = build_config(
+    return build_config(
         {
             "model": {
                 "num_classes": 8,
@@ -308,7 +307,12 @@ def tiny_trainer(root: Path, run_dir: Path, level: int = 3):
             "tracking": {"enabled": False},
         }
     )
-    trainer = Trainer(cfg, run_dir, seed=0, info={})
+
+
+def tiny_trainer(root: Path, run_dir: Path, level: int = 3):
+    from hcformer.engine.train import Trainer
+
+    trainer = Trainer(tiny_config(root, level), run_dir, seed=0, info={})
     trainer.setup()
     return trainer
 
@@ -418,3 +422,20 @@ def test_a_cuda_training_step_synchronises_only_for_the_matching(tmp_path):
         torch.cuda.set_sync_debug_mode(0)
         criterion_module.costs_to_host = real
     assert len(trainer.read_stats()) == 2
+
+
+def test_benchmark_splits_a_step_into_its_phases():
+    """``hcformer benchmark-train``'s split: every phase timed (the criterion marks the end of
+    its matching), the phases within the step's time, and one readable line naming them."""
+    from hcformer.engine.benchmark import PHASES, readable, time_training
+
+    cfg = tiny_config(Path("unused"))
+    result = time_training(cfg, batch=2, iterations=2, warmup=0, device=torch.device("cpu"))
+    phases = result["phase_seconds"]
+    assert (
+        tuple(phases) == PHASES == ("data", "forward", "matching", "loss", "backward", "optimiser")
+    )
+    assert all(v > 0 for v in phases.values()), phases
+    assert sum(phases.values()) <= result["seconds_per_iteration_mean"] * 1.01
+    line = readable({**result, "exp_id": "x"})
+    assert line.startswith("hcformer benchmark-train: x on cpu") and all(p in line for p in PHASES)

@@ -27,6 +27,7 @@ one process).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import NamedTuple
@@ -226,6 +227,8 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = no_object_weight
         self.register_buffer("empty_weight", empty_weight, persistent=False)
+        # Called with "matching" when the matches are on the device (the benchmark's clock).
+        self.phase_mark: Callable[[str], None] | None = None
 
     def norm_for(self, targets: list[dict[str, Tensor]], num_queries: int) -> LossNorm:
         return local_norm(
@@ -382,6 +385,8 @@ class SetCriterion(nn.Module):
             )
             indices = assign(costs_to_host(costs), counts)
             assignment = host_assignment(indices, firsts, num_queries, device)
+            if self.phase_mark is not None:
+                self.phase_mark("matching")
             bce, dice = self._mask_losses(masks, assignment, draws, target_stack, norm, mask_basis)
         else:  # no targets in the batch: every set is empty
             # Zero terms that still reach every mask parameter (DDP expects their gradients).
