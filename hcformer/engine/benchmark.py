@@ -10,7 +10,8 @@ global batch) and halves on CUDA out-of-memory until it fits. Writes JSON: devic
 seconds per iteration (median and mean of the timed iterations), images per second, peak GPU
 memory, and the split of a step (``phase_seconds``: data, forward, matching, loss, backward,
 optimiser; CUDA events on a GPU, the wall clock on the CPU; the benchmark alone synchronises),
-also printed as one readable line on stderr. Used for the GPU-hour budget of a campaign (``hcformer budget``, docs/campaign.md).
+also printed as one readable line on stderr. Used for the GPU-hour budget of a campaign
+(``hcformer budget``, docs/campaign.md).
 """
 
 from __future__ import annotations

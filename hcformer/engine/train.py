@@ -19,9 +19,12 @@ iteration boundary; then exit status 128 + signal, or 3); a rerun of the same co
 it. A finished run writes ``model_final.pt``; rerunning it does nothing.
 
 Visibility of a long run: every ``solver.log_every`` iterations a line of ``train_log.jsonl``
-(losses, learning rate, training seconds, wall-clock ``timestamp``) and a progress line on stderr
-(what a SLURM job's log shows): iteration/total, loss, learning rate, seconds per iteration,
-images per second, ETA, peak memory (CUDA allocator, or the process's peak RSS on the CPU).
+(the losses of that iteration, learning rate, training seconds, wall-clock ``timestamp``;
+between these lines a step reads nothing from the device but its matching costs, and a NaN/inf
+loss is caught at the next read, before anything is logged, validated or saved) and a progress
+line on stderr (what a SLURM job's log shows): iteration/total, loss, learning rate, seconds per
+iteration, images per second, ETA, peak memory (CUDA allocator, or the process's peak RSS on the
+CPU).
 Every ``solver.eval_every`` iterations (the authors' ``TEST.EVAL_PERIOD``; 0: never; never at
 the last iteration, which ``hcformer evaluate`` scores) the current weights are scored on the
 validation split (:meth:`hcformer.engine.evaluate.Evaluator.run` into a temporary folder; the

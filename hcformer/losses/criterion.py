@@ -23,6 +23,12 @@ micro-batch of gradient accumulation and every DDP process), so that each proces
 share of the global loss and the sum over shares equals the loss of one process holding the
 whole batch. Without a ``norm`` the local batch is the global batch (Mask2Former's behaviour on
 one process).
+
+A step waits for the device once: every random draw comes first (per image, set after set: the
+matcher's points, then the importance-sampling draws of its ``min(N, Q)`` matched masks, whose
+number is known before matching), the costs of every set and image are computed in one batch on
+the device and copied to the host in one transfer for scipy, the matches go back in one copy, and
+the losses of every set are computed in one pass.
 """
 
 from __future__ import annotations
