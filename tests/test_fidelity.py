@@ -125,7 +125,12 @@ AUTHORS_CONFIGS: dict[str, tuple[str, dict]] = {
     "coco/panoptic-segmentation/swin/hcformer+_swin_large_IN21k_384_bs16_200ep.yaml": (
         "coco_panoptic/hcformer-swinl-L3-D8-Q200-plus",
         dict(
-            backbone=SWINL, queries=200, layers=8, plus=True, iters=1475000, steps=[1311112, 1420368]
+            backbone=SWINL,
+            queries=200,
+            layers=8,
+            plus=True,
+            iters=1475000,
+            steps=[1311112, 1420368],
         ),
     ),
     # COCO instance
@@ -165,13 +170,25 @@ AUTHORS_CONFIGS: dict[str, tuple[str, dict]] = {
     "ade20k/semantic-segmentation/swin/hcformer_swin_large_IN21k_384_bs16_160k_res640.yaml": (
         "ade20k/hcformer-swinl-L3-D8-Q100",
         dict(
-            backbone=SWINL, queries=100, layers=8, plus=False, iters=160000, crop=[640, 640], test=640
+            backbone=SWINL,
+            queries=100,
+            layers=8,
+            plus=False,
+            iters=160000,
+            crop=[640, 640],
+            test=640,
         ),
     ),
     "ade20k/semantic-segmentation/swin/hcformer+_swin_large_IN21k_384_bs16_320k_res640.yaml": (
         "ade20k/hcformer-swinl-L3-D8-Q100-plus",
         dict(
-            backbone=SWINL, queries=100, layers=8, plus=True, iters=160000, crop=[640, 640], test=640
+            backbone=SWINL,
+            queries=100,
+            layers=8,
+            plus=True,
+            iters=160000,
+            crop=[640, 640],
+            test=640,
         ),
     ),
     # Cityscapes: DEC_LAYERS 10, i.e. 9 layers (docs/fidelity.md P5)
