@@ -78,7 +78,7 @@ def test_a_reference_outside_the_repository_is_found(line):
         "facebookresearch/detectron2 issue #1234",
         "docs/fidelity.md, P6; the authors' hcformer/modeling/backbone/resnet.py",
         'latex_escape("a_b & 50% #1")',
-        "source /shared/hcformer/.venv/bin/activate",  # a cluster's path in an example
+        "source /cluster/projects/hcformer/.venv/bin/activate",  # a cluster's path in an example
         "issue tracking systems",  # licence text
     ],
 )
