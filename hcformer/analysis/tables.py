@@ -369,30 +369,25 @@ def render_table(table_id: str, title: str, cells: list[dict[str, Any]], scale: 
     lines.append(r"\midrule")
     lines += [_latex_line(line) for line in body]
     lines += [r"\bottomrule", r"\end{tabular}"]
-    notes = []
-    if "quoted" in footnotes:
-        notes.append("$^{q}$ quoted by the paper from another paper; not trained")
-    if "partial" in footnotes:
-        notes.append(r"$^\dagger$ median of fewer seeds than expected")
-    if "partial_failed" in footnotes:
-        notes.append(r"$^\ddagger$ median of the seeds that finished; another seed failed")
-    if "no_objects" in footnotes:
-        notes.append("-- no object of this size in the evaluation images")
-    if "missing" in footnotes:
-        notes.append(r"\textit{missing}: not run (or not profiled) yet")
-    if "running" in footnotes:
-        notes.append(r"\textit{running}: no seed has finished yet")
-    if "failed" in footnotes:
-        notes.append(r"\textit{failed}: a run failed and no seed has finished")
-    if "not_built" in footnotes:
-        notes.append(r"\textit{not built}: the model is not part of this build yet")
-    if "no_metric" in footnotes:
-        notes.append(r"\textit{n/a}: the runs do not report this metric")
+    notes = [text for key, text in FOOTNOTES.items() if key in footnotes]
     if notes:
         lines.append(r"\par\smallskip{\footnotesize " + "; ".join(notes) + ".}")
     lines.append(rf"\end{{{env}}}")
     return "\n".join(lines) + "\n"
 
+
+# The note under a table for each mark its cells use, in the order they are printed.
+FOOTNOTES = {
+    "quoted": "$^{q}$ quoted by the paper from another paper; not trained",
+    "partial": r"$^\dagger$ median of fewer seeds than expected",
+    "partial_failed": r"$^\ddagger$ median of the seeds that finished; another seed failed",
+    "no_objects": "-- no object of this size in the evaluation images",
+    "missing": r"\textit{missing}: not run (or not profiled) yet",
+    "running": r"\textit{running}: no seed has finished yet",
+    "failed": r"\textit{failed}: a run failed and no seed has finished",
+    "not_built": r"\textit{not built}: the model is not part of this build yet",
+    "no_metric": r"\textit{n/a}: the runs do not report this metric",
+}
 
 # --------------------------------------------------------------------------------------
 # Macros.
