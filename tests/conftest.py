@@ -3,7 +3,8 @@
 Stand-in run folders for the analysis commands (``hcformer aggregate``, ``tables``, ``figures``,
 ``snakemake snapshot``): ``write_run``, ``fill_table``, ``aggregate``, ``paper_values``,
 ``campaign_tree``, ``pq_cells``, ``table5_experiments``. A stand-in engine for the launchers
-(``hcformer run --engine``): ``write_fake_engine``.
+(``hcformer run --engine``): ``write_fake_engine``. The loss with the paper's weights:
+``make_criterion``.
 
 Each fixture hands out a plain function and holds no state, so they are session-scoped and
 module-scoped fixtures may use them. Heavy imports happen inside the functions.
@@ -239,3 +240,35 @@ def write_fake_engine() -> Callable[[Path], str]:
     ``metrics.json`` (miou 40 + seed). Every start of train appends a line
     ``<pid> <SLURM_RESTART_COUNT or ->`` to ``starts.txt`` in the run folder."""
     return _write_fake_engine
+
+
+# --------------------------------------------------------------------------------------
+# The loss
+
+
+@pytest.fixture(scope="session")
+def make_criterion() -> Callable[..., object]:
+    """``make_criterion(num_classes=3, num_points=256, **overrides)``: a ``SetCriterion`` with
+    the paper's weights (class 2, BCE 5, dice 5, no-object 0.1, regulariser 0.1) and point
+    sampling (oversample 3, importance 0.75), its matcher sampling the same number of points."""
+    from hcformer.losses import HungarianMatcher, SetCriterion
+
+    def make(num_classes: int = 3, num_points: int = 256, **overrides) -> SetCriterion:
+        matcher = HungarianMatcher(
+            class_weight=2.0, mask_weight=5.0, dice_weight=5.0, num_points=num_points
+        )
+        args = dict(
+            num_classes=num_classes,
+            matcher=matcher,
+            class_weight=2.0,
+            mask_weight=5.0,
+            dice_weight=5.0,
+            no_object_weight=0.1,
+            reg_weight=0.1,
+            num_points=num_points,
+            oversample_ratio=3.0,
+            importance_sample_ratio=0.75,
+        )
+        return SetCriterion(**{**args, **overrides})
+
+    return make

@@ -15,32 +15,13 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from hcformer.losses import HungarianMatcher, SetCriterion, summarize, summary_values
+from hcformer.losses import SetCriterion, summarize, summary_values
 from hcformer.losses import criterion as criterion_module
 from hcformer.losses.matcher import sample_targets
 
 torch.set_num_threads(1)
 
 K = 4  # classes (logits have K + 1 columns)
-
-
-def make_criterion(num_points=48, deep_supervision=True) -> SetCriterion:
-    matcher = HungarianMatcher(
-        class_weight=2.0, mask_weight=5.0, dice_weight=5.0, num_points=num_points
-    )
-    return SetCriterion(
-        num_classes=K,
-        matcher=matcher,
-        class_weight=2.0,
-        mask_weight=5.0,
-        dice_weight=5.0,
-        no_object_weight=0.1,
-        reg_weight=0.1,
-        num_points=num_points,
-        oversample_ratio=3.0,
-        importance_sample_ratio=0.75,
-        deep_supervision=deep_supervision,
-    )
 
 
 def gens(n: int) -> list[torch.Generator]:
@@ -200,7 +181,7 @@ def check_against_reference(crit, outputs, targets, leaves):
 
 
 @pytest.mark.parametrize("stride", [32, 16, 8, 4])
-def test_dense_sets_match_the_per_image_reference(stride):
+def test_dense_sets_match_the_per_image_reference(stride, make_criterion):
     """Deep supervision (3 sets), different target counts, an image without targets, more
     targets than queries (image 2: 6 targets, 5 queries), masks at stride 32 / 2**L of a
     64 x 64 input: same matches, losses and gradients as the reference."""
@@ -208,28 +189,30 @@ def test_dense_sets_match_the_per_image_reference(stride):
     targets = make_targets([3, 0, 6, 1])
     sets = [outputs, *outputs["aux_outputs"]]
     leaves = [x for s in sets for x in (s["pred_logits"], s["pred_masks"])]
-    check_against_reference(make_criterion(), outputs, targets, leaves)
+    check_against_reference(make_criterion(num_classes=K, num_points=48), outputs, targets, leaves)
 
 
 @pytest.mark.parametrize("counts", [[2, 0, 4], [0, 0, 0]])
-def test_factorised_nine_sets_match_the_per_image_reference(counts):
+def test_factorised_nine_sets_match_the_per_image_reference(counts, make_criterion):
     """The tiny path (coefficients over a shared basis), 9 prediction sets as the paper's
     deep supervision, and a batch without any target."""
     outputs = factorised_outputs(b=3, q=6, cells=4, size=16, sets=9)
     targets = make_targets(counts)
     sets = [outputs, *outputs["aux_outputs"]]
     leaves = [outputs["mask_basis"], *(s["mask_coefficients"] for s in sets)]
-    got = check_against_reference(make_criterion(), outputs, targets, leaves)
+    got = check_against_reference(
+        make_criterion(num_classes=K, num_points=48), outputs, targets, leaves
+    )
     assert len(got) == 27
     if not any(counts):
         assert all(float(got[k].detach()) == 0.0 for k in got if "mask" in k or "dice" in k)
 
 
-def test_batching_over_sets_equals_one_set_at_a_time():
+def test_batching_over_sets_equals_one_set_at_a_time(make_criterion):
     """A target sampled at every set's points at once is exactly (bit for bit) each set's
     sample; the costs of S sets in one batch are those of each set alone to float rounding
     (a batched matrix product may sum in another order: not bit for bit)."""
-    crit = make_criterion()
+    crit = make_criterion(num_classes=K, num_points=48)
     outputs = dense_outputs(b=3, q=5, size=16, sets=4)
     targets = make_targets([2, 0, 3])
     counts = [len(t["labels"]) for t in targets]
@@ -250,9 +233,11 @@ def test_batching_over_sets_equals_one_set_at_a_time():
         torch.testing.assert_close(together[s], alone[0], rtol=1e-6, atol=1e-6)
 
 
-def test_summary_values_on_the_device_equal_summarize():
+def test_summary_values_on_the_device_equal_summarize(make_criterion):
     outputs = dense_outputs(b=2, q=4, size=8, sets=3)
-    losses = make_criterion()(outputs, make_targets([2, 1]), generators=gens(2))
+    losses = make_criterion(num_classes=K, num_points=48)(
+        outputs, make_targets([2, 1]), generators=gens(2)
+    )
     keys, values = summary_values(losses)
     assert values.dtype == torch.float64 and values.shape == (len(keys),)
     want = summarize(losses)

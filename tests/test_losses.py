@@ -32,26 +32,6 @@ def gens(n: int, seed: int = 0) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def make_criterion(num_classes=3, num_points=256, **kw) -> SetCriterion:
-    matcher = HungarianMatcher(
-        class_weight=2.0, mask_weight=5.0, dice_weight=5.0, num_points=num_points
-    )
-    args = dict(
-        num_classes=num_classes,
-        matcher=matcher,
-        class_weight=2.0,
-        mask_weight=5.0,
-        dice_weight=5.0,
-        no_object_weight=0.1,
-        reg_weight=0.1,
-        num_points=num_points,
-        oversample_ratio=3.0,
-        importance_sample_ratio=0.75,
-    )
-    args.update(kw)
-    return SetCriterion(**args)
-
-
 def test_point_sample_hits_pixel_centres_exactly():
     values = torch.arange(24.0).reshape(1, 2, 3, 4)
     ys, xs = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
@@ -159,7 +139,7 @@ def blocky_target():
     return masks, small
 
 
-def test_perfect_prediction_gives_near_zero_mask_loss_and_hand_made_class_loss():
+def test_perfect_prediction_gives_near_zero_mask_loss_and_hand_made_class_loss(make_criterion):
     masks, _ = blocky_target()
     labels = torch.tensor([0, 2])
     q, k = 3, 3
@@ -200,7 +180,7 @@ def test_perfect_prediction_gives_near_zero_mask_loss_and_hand_made_class_loss()
     assert "loss_reg" not in out
 
 
-def test_deep_supervision_and_regulariser():
+def test_deep_supervision_and_regulariser(make_criterion):
     masks, small = blocky_target()
     torch.manual_seed(0)
     pred = {
@@ -239,7 +219,7 @@ def test_deep_supervision_and_regulariser():
     )
 
 
-def test_split_batch_with_global_norm_equals_whole_batch():
+def test_split_batch_with_global_norm_equals_whole_batch(make_criterion):
     """What DDP and gradient accumulation rely on: shares of the global loss add up."""
     masks, _ = blocky_target()
     torch.manual_seed(1)
@@ -339,7 +319,7 @@ def factorised_and_dense(b=3, q=6, cells=4, size=8, sets=3, seed=0):
 
 
 @pytest.mark.parametrize("empty_image", [False, True])
-def test_factorised_masks_give_the_dense_losses_and_gradients(empty_image):
+def test_factorised_masks_give_the_dense_losses_and_gradients(empty_image, make_criterion):
     """HCFormer's training sets of a small coarse map (coefficients over the decoded one-hot
     maps of the cells): the matcher, losses and gradients of the dense maps they stand for."""
     masks, _ = blocky_target()
@@ -374,7 +354,7 @@ def test_factorised_masks_give_the_dense_losses_and_gradients(empty_image):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
-def test_factorised_masks_without_targets_and_mixed_sets():
+def test_factorised_masks_without_targets_and_mixed_sets(make_criterion):
     fact, full, basis, _ = factorised_and_dense(b=2)
     masks, _ = blocky_target()
     none = [{"labels": torch.tensor([], dtype=torch.int64), "masks": masks[:0]}] * 2
@@ -388,7 +368,7 @@ def test_factorised_masks_without_targets_and_mixed_sets():
         make_criterion()(mixed, none, generators=gens(2))
 
 
-def test_mask_loss_of_coarse_logits_is_grid_sample_on_them():
+def test_mask_loss_of_coarse_logits_is_grid_sample_on_them(make_criterion):
     """HCFormer at L < 3 hands the loss its masks at stride 32 / 2**L (here 16: 4 x 4 logits of
     a 64 x 64 image), as the authors' code: the BCE and dice are those of ``grid_sample`` of the
     coarse logits (align_corners=False) at the drawn normalised points, against the
