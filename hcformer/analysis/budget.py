@@ -14,9 +14,10 @@ time is its GPU-hours over its GPUs; a table costs the sum of its experiments ti
 the campaign counts an experiment shared by several tables once.
 
 The figures come from ``experiments/gpu_seconds_per_iter.yaml`` (measured ones with their
-device, date and command; estimates with their derivation), overridden per family by files given with ``--gpu-seconds-per-iter``: the same YAML
-format, or the JSON of ``hcformer benchmark-train`` (one measured experiment). The output says
-which figures are measured and which are estimates, and on what device.
+device, date and command; estimates with their derivation), overridden per family by files
+given with ``--gpu-seconds-per-iter``: the same YAML format, or the JSON of ``hcformer
+benchmark-train`` (one measured experiment). The output says which figures are measured and
+which are estimates, and on what device.
 
 Reads YAML/JSON only; imports no torch.
 """

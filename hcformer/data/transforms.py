@@ -308,8 +308,8 @@ def collate(
     """Pad a list of samples to one size divisible by ``size_divisibility``.
 
     Returns ``{"images": [B, 3, H, W] (0..255; uint8 or float32 as :func:`pad_images` says),
-    "targets": [...], "metas": [...]}``: images padded with ``pad_value`` (one number, or one per RGB channel: the model's pixel mean
-    pads with what normalises to 0), each target a dict with ``instances`` (``labels`` int64
+    "targets": [...], "metas": [...]}``: images padded with ``pad_value`` (one number, or one
+    per RGB channel: the model's pixel mean pads with what normalises to 0), each target a dict with ``instances`` (``labels`` int64
     [N], ``masks`` bool [N, H, W] padded with False) and, when the sample has it, ``sem_seg``
     (int64 [H, W] padded with 255). Metas are the samples' ``meta`` dicts unchanged.
     """
