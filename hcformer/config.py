@@ -9,7 +9,9 @@ Names follow the paper: ``hierarchy_level`` (number of clustering modules, Sec. 
 ``cluster_dim`` (C_F, Sec. 2.2), ``scale_init`` (s(i) of eq. 3), ``decoder_layers``,
 ``queries``, ``encoder_layers`` (HCFormer+, Sec. 2.5), ``dcnv2`` (Sec. 2.5, App. E.2).
 
-This module imports nothing else of the package but ``hcformer.errors``.
+This module imports nothing else of the package but ``hcformer.errors`` and
+``hcformer.families`` (the registered backbone names and head types, checked when a config is
+built, so an entry registered later counts).
 """
 
 from __future__ import annotations
@@ -21,14 +23,24 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from hcformer.errors import ConfigError
+from hcformer.families import BACKBONES, HEADS
 
-BackboneName = Literal["resnet50", "resnet101", "swin_s", "swin_l"]
-HeadType = Literal["hcformer", "maskformer", "fcn32s", "fpn", "pspnet", "deeplabv3"]
+
+class OneOf:
+    """``Annotated`` marker: the value must be a key of ``registry`` (read when a config is
+    built, so entries added after import count)."""
+
+    def __init__(self, registry: dict[str, Any]) -> None:
+        self.registry = registry
+
+
+BackboneName = Annotated[str, OneOf(BACKBONES)]
+HeadType = Annotated[str, OneOf(HEADS)]
 DatasetName = Literal["coco_panoptic", "coco_instance", "ade20k", "cityscapes"]
 Task = Literal["panoptic", "instance", "semantic"]
 
@@ -221,6 +233,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _one_of(value: Any, allowed: tuple[Any, ...], key: str) -> Any:
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        also = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{also}")
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (and build nested dataclasses)."""
     origin = typing.get_origin(tp)
@@ -240,11 +260,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}"
         )
     if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            also = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{also}")
+        return _one_of(value, typing.get_args(tp), key)
+    if origin is Annotated:
+        base, *markers = typing.get_args(tp)
+        value = _coerce(value, base, key)
+        for marker in markers:
+            if isinstance(marker, OneOf):
+                _one_of(value, tuple(marker.registry), key)
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
@@ -293,7 +315,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     where = prefix or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
