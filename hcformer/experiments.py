@@ -44,8 +44,6 @@ from hcformer.config import (
 )
 from hcformer.errors import ConfigError
 
-SCALES = ("paper", "tiny", "smoke")
-
 # Keys a paper table varies: a scale overlay must never set them (docs/interfaces.md).
 VARIED_KEYS = (
     "model.backbone.name",
@@ -335,6 +333,13 @@ def load_table(table_id: str, root: str | Path | None = None) -> Table:
 # Scale overlays.
 
 
+def scales(root: str | Path | None = None) -> tuple[str, ...]:
+    """The scales, sorted: one per overlay file ``experiments/scales/<scale>.yaml`` (every
+    ``--scale`` option and the workflow's config check offer these)."""
+    folder = (Path(root) if root else experiments_dir()) / "scales"
+    return tuple(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
 def _check_overlay_keys(section: dict[str, Any], where: str) -> None:
     for key in flatten(merge({}, section)):
         for varied in VARIED_KEYS:
@@ -350,8 +355,7 @@ def _load_overlay(root: Path, scale: str, _seen: tuple[str, ...] = ()) -> dict[s
     """The overlay of ``scale`` as {common, dataset, backbone, head, schedule_multiplier}."""
     path = root / "scales" / f"{scale}.yaml"
     if not path.is_file():
-        valid = sorted(p.stem for p in (root / "scales").glob("*.yaml"))
-        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(valid)}")
+        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(scales(root))}")
     data = load_yaml(path)
     unknown = set(data) - OVERLAY_KEYS
     if unknown:
@@ -566,7 +570,7 @@ def main(argv: list[str]) -> int:
         description="List the unique experiments of the paper's tables and the rows they feed.",
     )
     parser.add_argument("--table", help="only this table (e.g. table5, tableI_a)")
-    parser.add_argument("--scale", default="paper", help="paper, tiny or smoke (default paper)")
+    parser.add_argument("--scale", default="paper", help=f"{', '.join(scales())} (default paper)")
     parser.add_argument("--json", action="store_true", help="JSON with the resolved configs")
     args = parser.parse_args(argv)
     if args.table:

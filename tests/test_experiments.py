@@ -260,7 +260,7 @@ def test_table_IV_rows_combine_three_datasets():
             ("coco_pq", "pq"), ("ade20k_miou", "miou"), ("cityscapes_miou", "miou")
         ]  # fmt: skip
         for run in row.runs:
-            for scale in ex.SCALES:
+            for scale in ex.scales():
                 cfg = ex.resolve(run.experiment_id, scale)
                 assert cfg.data.dataset == run.dataset and cfg.model.head.queries == q
 
@@ -380,3 +380,19 @@ def test_registry_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_scales_are_the_overlay_files_and_every_scale_option_offers_them(
+    copy_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    from hcformer import cli
+
+    assert ex.scales() == ("paper", "smoke", "tiny")
+    (copy_root / "scales" / "mini.yaml").write_text("extends: tiny\n")
+    assert ex.scales(copy_root) == ("mini", "paper", "smoke", "tiny")
+    monkeypatch.setenv("HCFORMER_EXPERIMENTS", str(copy_root))
+    for command in ("aggregate", "tables", "status", "run"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--scale", "huge"])
+        err = capsys.readouterr().err
+        assert re.search(r"--scale: invalid choice: .*huge.*mini.*paper.*smoke.*tiny", err), err

@@ -36,6 +36,7 @@ from typing import Any
 
 from hcformer.analysis.status import run_state, slurm_states
 from hcformer.errors import HCFormerError
+from hcformer.experiments import scales
 
 PROFILE_COLUMNS = ("params_m", "gflops", "latency_ms")
 SETTING_COLUMNS = ("crop", "hierarchy_level", "decoder_layers", "dcnv2", "queries")
@@ -508,7 +509,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Medians over seeds of the run folders: a table's cells, or runs.csv.",
     )
     p.add_argument("--results", required=True, help="a scale's results root, e.g. results/smoke")
-    p.add_argument("--scale", required=True, choices=("smoke", "tiny", "paper"))
+    p.add_argument("--scale", required=True, choices=scales())
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--table", help="a paper table id (hcformer experiments lists them)")
     p.add_argument("--profile", help="the table's `hcformer profile` JSON")

@@ -44,7 +44,7 @@ from typing import Any
 
 from hcformer.config import Config
 from hcformer.errors import ConfigError, HCFormerError
-from hcformer.experiments import PROFILE_COLUMNS, Row, load_table, resolve
+from hcformer.experiments import PROFILE_COLUMNS, Row, load_table, resolve, scales
 
 SIZE_DIVISIBILITY = 32
 
@@ -364,7 +364,7 @@ def main(argv: list[str]) -> int:
         "latency of a paper table's rows, beside the paper's numbers.",
     )
     parser.add_argument("--table", required=True, help="table id, e.g. table5 or tableII")
-    parser.add_argument("--scale", default="paper", help="paper, tiny or smoke (default paper)")
+    parser.add_argument("--scale", default="paper", help=f"{', '.join(scales())} (default paper)")
     parser.add_argument("--out", type=Path, help="write the JSON here")
     parser.add_argument("--rows", nargs="+", metavar="LABEL", help="only these row labels")
     parser.add_argument("--latency", action="store_true", help="also time model + post-processing")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hcformer.errors import HCFormerError
+from hcformer.experiments import scales
 from hcformer.launch.runfolder import pid_alive
 
 STATES = ("done", "running", "failed", "not_started")
@@ -356,7 +357,7 @@ def main(argv: list[str]) -> int:
         help="the results folder (default results; runs under RESULTS/SCALE/runs), or a scale's "
         "root that holds runs/ itself",
     )
-    parser.add_argument("--scale", default="smoke", choices=("smoke", "tiny", "paper"))
+    parser.add_argument("--scale", default="smoke", choices=scales())
     parser.add_argument("--table", help="only this table (e.g. table5)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", action="store_true", help="JSON on stdout")

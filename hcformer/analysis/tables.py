@@ -33,6 +33,7 @@ from typing import Any
 
 from hcformer.analysis.aggregate import read_cells
 from hcformer.errors import HCFormerError
+from hcformer.experiments import scales
 
 COLUMN_TITLES = {
     "pq": "PQ",
@@ -541,7 +542,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--results", required=True, help="a scale's results root, e.g. results/smoke"
     )
-    parser.add_argument("--scale", required=True, choices=("smoke", "tiny", "paper"))
+    parser.add_argument("--scale", required=True, choices=scales())
     parser.add_argument(
         "--table", action="append", default=[], help="write this table (repeatable)"
     )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hcformer.errors import ConfigError
+from hcformer.experiments import scales
 from hcformer.launch.runfolder import (
     METRICS_FILE,
     RunLockedError,
@@ -56,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--experiment", help="canonical experiment id (hcformer experiments)")
     what.add_argument("--config", help="a config file of one's own instead of --experiment")
-    p.add_argument("--scale", required=True, choices=("smoke", "tiny", "paper"))
+    p.add_argument("--scale", required=True, choices=scales())
     seeds = p.add_mutually_exclusive_group(required=True)
     seeds.add_argument("--seed", type=int, help="one seed")
     seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds, one run folder each")

@@ -10,12 +10,16 @@ import sys
 from pathlib import Path
 
 from hcformer.analysis.figures import ABLATIONS as FIGURE_TABLES
-from hcformer.experiments import all_experiments, load_tables
+from hcformer.experiments import all_experiments, load_tables, scales
 from hcformer.errors import ConfigError
 from hcformer.tracking.store import check_live_store
 from snakemake.exceptions import WorkflowError
 
 SCALE = config["scale"]
+if SCALE not in scales():
+    raise WorkflowError(
+        f"config scale: {SCALE!r} is not one of {', '.join(scales())} (experiments/scales/)"
+    )
 SEEDS = [int(s) for s in config["seeds"]]
 RESULTS = f"{config['results']}/{SCALE}"
 LAUNCHER = config["launcher"]
