@@ -1,8 +1,8 @@
 """The ``hcformer`` command: one entry point, a sub-command per step of the pipeline.
 
-Each sub-command lives in the module that does its work and exposes ``main(argv) -> int``;
-this file only maps names to modules and imports the chosen one lazily, so that
-``hcformer status`` never pays for torch and ``hcformer train`` never for seaborn.
+Each sub-command is a module of :mod:`hcformer.commands` that exposes ``main(argv) -> int``;
+this file only maps names to modules and imports the chosen one when it is called (not at the
+top), so that ``hcformer status`` never pays for torch and ``hcformer train`` never for seaborn.
 
 Errors a user can fix (:class:`hcformer.errors.HCFormerError`) print as one line on stderr
 and exit with status 2; ``--debug`` (anywhere on the line) shows the traceback instead.
@@ -10,22 +10,26 @@ and exit with status 2; ``--debug`` (anywhere on the line) shows the traceback i
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import select
 import sys
 
+from hcformer.errors import HCFormerError
+
 # name -> (module, one-line help). Every module defines ``main(argv: list[str]) -> int``.
+# fmt: off
 COMMANDS: dict[str, tuple[str, str]] = {
     "experiments": ("hcformer.experiments", "list the experiments of the paper's tables"),
-    "profile": ("hcformer.analysis.profile", "parameters, GFLOPs and latency of a table's rows"),
-    "synth-data": ("hcformer.data.synthetic", "write a synthetic dataset in a real format"),
-    "prepare-data": ("hcformer.data.prepare", "make an unzipped official dataset readable"),
-    "check-data": ("hcformer.data.check", "check the datasets and weights of a scale"),
-    "fetch-weights": ("hcformer.pretrained", "download the pretrained backbones into a folder"),
-    "evaluate-panoptic": ("hcformer.evaluation.panoptic", "PQ/SQ/RQ as panopticapi"),
-    "evaluate-instance": ("hcformer.evaluation.instance", "COCO AP (and boundary AP)"),
-    "evaluate-semantic": ("hcformer.evaluation.semantic", "mIoU and pixel accuracy"),
+    "profile": ("hcformer.commands.profile", "parameters, GFLOPs and latency of a table's rows"),
+    "synth-data": ("hcformer.commands.synth_data", "write a synthetic dataset in a real format"),
+    "prepare-data": ("hcformer.commands.prepare_data", "make an unzipped official dataset readable"),
+    "check-data": ("hcformer.commands.check_data", "check the datasets and weights of a scale"),
+    "fetch-weights": ("hcformer.commands.fetch_weights", "download the pretrained backbones into a folder"),
+    "evaluate-panoptic": ("hcformer.commands.evaluate_panoptic", "PQ/SQ/RQ as panopticapi"),
+    "evaluate-instance": ("hcformer.commands.evaluate_instance", "COCO AP (and boundary AP)"),
+    "evaluate-semantic": ("hcformer.commands.evaluate_semantic", "mIoU and pixel accuracy"),
     "train": ("hcformer.engine.train", "train one experiment into a run folder"),
     "evaluate": ("hcformer.engine.evaluate", "evaluate a run folder, write metrics.json"),
     "run": ("hcformer.launch.run", "train then evaluate one (experiment, seed) via a launcher"),
@@ -34,12 +38,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aggregate": ("hcformer.analysis.aggregate", "medians over seeds into a CSV"),
     "tables": ("hcformer.analysis.tables", "LaTeX tables, macros and provenance"),
     "figures": ("hcformer.analysis.figures", "ablation figures"),
-    "visualize": ("hcformer.analysis.visualize", "the Fig. 5-style hierarchy view of a run"),
+    "visualize": ("hcformer.commands.visualize", "the Fig. 5-style hierarchy view of a run"),
     "report": ("hcformer.analysis.report", "the README summary of a results tree"),
     "status": ("hcformer.analysis.status", "where a campaign stands, per table"),
-    "budget": ("hcformer.analysis.budget", "GPU-hours of a campaign before submitting"),
-    "benchmark-train": ("hcformer.engine.benchmark", "seconds per training iteration on this GPU"),
+    "budget": ("hcformer.commands.budget", "GPU-hours of a campaign before submitting"),
+    "benchmark-train": ("hcformer.commands.benchmark_train", "seconds per training iteration on this GPU"),
 }
+# fmt: on
 
 
 def _usage() -> str:
@@ -69,14 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"hcformer: unknown command {name!r}{hint} (see hcformer --help)", file=sys.stderr)
         return 2
-    from hcformer.errors import HCFormerError
-
     try:
         module = importlib.import_module(COMMANDS[name][0])
         code = int(module.main(rest) or 0)

@@ -16,13 +16,15 @@ repository ``timm/<name>``, renamed ``<name>.safetensors``). It imports no torch
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import huggingface_hub
+
 from hcformer.errors import HCFormerError
+from hcformer.experiments import all_experiments
 
 WEIGHTS_ENV = "HCFORMER_WEIGHTS"
 SUFFIXES = (".safetensors", ".pth", ".bin")
@@ -78,8 +80,7 @@ def download(name: str, folder: Path) -> Path:
     The file is timm's hub repository's own (``timm/<name>``, ``model.safetensors``), written
     under a temporary name and renamed, so an interrupted download leaves no checkpoint.
     """
-    import timm
-    from huggingface_hub import hf_hub_download
+    import timm  # here, not at the top: it imports torch (3 s); this module imports no torch
 
     try:
         cfg = timm.models.get_pretrained_cfg(name)
@@ -91,15 +92,15 @@ def download(name: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     dst = folder / f"{name}{Path(filename).suffix}"
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-        got = hf_hub_download(repo_id=cfg.hf_hub_id, filename=filename, local_dir=tmp)
+        got = huggingface_hub.hf_hub_download(
+            repo_id=cfg.hf_hub_id, filename=filename, local_dir=tmp
+        )
         os.replace(got, dst)
     return dst
 
 
 def paper_weights(scale: str = "paper") -> dict[str, list[str]]:
     """``timm:`` names the experiments of ``scale`` start from -> the experiment ids."""
-    from hcformer.experiments import all_experiments
-
     names: dict[str, list[str]] = {}
     for exp in all_experiments(scale).values():
         spec = exp.config.model.backbone.pretrained
@@ -108,40 +109,25 @@ def paper_weights(scale: str = "paper") -> dict[str, list[str]]:
     return names
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer fetch-weights",
-        description="download every pretrained backbone checkpoint of a scale into one folder",
-    )
-    parser.add_argument(
-        "--dir",
-        default=None,
-        help=f"the weights folder (default ${WEIGHTS_ENV}, else weights/); "
-        f"runs find it through ${WEIGHTS_ENV} or as weights/ in their working directory",
-    )
-    parser.add_argument("--scale", default="paper")
-    args = parser.parse_args(argv)
-    folder = Path(args.dir) if args.dir else weights_dir()
-    names = paper_weights(args.scale)
+def fetch_weights(folder: Path, scale: str = "paper", log: Callable[[str], None] = print) -> int:
+    """Download into ``folder`` every checkpoint the experiments of ``scale`` start from that
+    it lacks, saying what each one is (``log``); returns how many were downloaded."""
+    names = paper_weights(scale)
     if not names:
-        print(f"fetch-weights: the {args.scale} scale names no pretrained timm weights")
+        log(f"fetch-weights: the {scale} scale names no pretrained timm weights")
         return 0
     fetched = 0
     for name, users in sorted(names.items()):
         have = local_weights(name, folder)
         if have is not None:
-            print(f"fetch-weights: {have}: present ({len(users)} experiments)")
+            log(f"fetch-weights: {have}: present ({len(users)} experiments)")
             continue
         path = download(name, folder)
         fetched += 1
         size = path.stat().st_size / 2**20
-        print(f"fetch-weights: {path}: downloaded, {size:.0f} MiB ({len(users)} experiments)")
+        log(f"fetch-weights: {path}: downloaded, {size:.0f} MiB ({len(users)} experiments)")
     if not fetched:
-        print(f"fetch-weights: {folder}: every checkpoint is present, nothing to do")
+        log(f"fetch-weights: {folder}: every checkpoint is present, nothing to do")
     if folder.resolve() != weights_dir().resolve():
-        print(f"fetch-weights: runs find them with: export {WEIGHTS_ENV}={folder.resolve()}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))
+        log(f"fetch-weights: runs find them with: export {WEIGHTS_ENV}={folder.resolve()}")
+    return fetched

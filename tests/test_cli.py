@@ -63,3 +63,37 @@ def test_help_lists_commands_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "synth-data" in out.stdout and "profile" in out.stdout
+
+
+def test_commands_that_need_no_model_import_no_torch():
+    """The data, evaluation, budget and drawing commands start without torch (or matplotlib,
+    which visualize imports only when it draws)."""
+    light = [
+        "synth_data",
+        "prepare_data",
+        "check_data",
+        "fetch_weights",
+        "evaluate_panoptic",
+        "evaluate_instance",
+        "evaluate_semantic",
+        "visualize",
+        "budget",
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {light!r}:\n"
+        "    assert callable(importlib.import_module('hcformer.commands.' + name).main), name\n"
+        "heavy = sorted(m for m in ('torch', 'matplotlib', 'mlflow', 'timm') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_write_output_makes_the_folder_and_leaves_no_temporary_file(tmp_path):
+    from hcformer.commands._args import write_output
+
+    out = write_output(tmp_path / "a" / "b" / "x.json", '{"pq": 1}')
+    assert out == tmp_path / "a" / "b" / "x.json" and out.read_text() == '{"pq": 1}'
+    write_output(out, "second")
+    assert out.read_text() == "second"
+    assert [p.name for p in out.parent.iterdir()] == ["x.json"]

@@ -247,7 +247,7 @@ def test_evaluate_writes_metrics_predictions_visuals_and_mlflow(work, reference)
 
 
 def test_benchmark_train_writes_timing_json(work, tmp_path):
-    from hcformer.engine.benchmark import main
+    from hcformer.commands.benchmark_train import main
 
     out = tmp_path / "bench.json"
     code = main(

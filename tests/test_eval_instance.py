@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from hcformer.commands.evaluate_instance import main
 from hcformer.errors import DataError
 from hcformer.evaluation import evaluate_instance
-from hcformer.evaluation.instance import STAT_NAMES, main
+from hcformer.evaluation.instance import STAT_NAMES
 
 FIX = Path(__file__).parent / "fixtures" / "coco_instances_val2014"
 GT = FIX / "instances_val2014_100.json"

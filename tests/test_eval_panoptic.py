@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hcformer.commands.evaluate_panoptic import main
 from hcformer.data.base import id2rgb, rgb2id
 from hcformer.errors import DataError
 from hcformer.evaluation import evaluate_panoptic
-from hcformer.evaluation.panoptic import main
 
 FIX = Path(__file__).parent / "fixtures" / "coco_panoptic_val2017"
 GT_JSON, GT_DIR = FIX / "panoptic_examples.json", FIX / "panoptic_examples"

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hcformer.commands.evaluate_semantic import main
 from hcformer.data.cityscapes import label_ids_to_train_ids
 from hcformer.errors import DataError
 from hcformer.evaluation import ConfusionMatrix, evaluate_semantic, undersegmentation_error
-from hcformer.evaluation.semantic import main
 
 FIX = Path(__file__).parent / "fixtures"
 

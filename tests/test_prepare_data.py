@@ -282,6 +282,7 @@ def test_fetch_weights_fills_one_folder_and_backbones_load_from_it(tmp_path, mon
     import torch
 
     from hcformer import pretrained
+    from hcformer.commands import fetch_weights
     from hcformer.config import BackboneConfig
     from hcformer.models.backbones import build_backbone
 
@@ -295,12 +296,12 @@ def test_fetch_weights_fills_one_folder_and_backbones_load_from_it(tmp_path, mon
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub_download)
     folder = tmp_path / "weights"
-    assert pretrained.main(["--dir", str(folder)]) == 0
+    assert fetch_weights.main(["--dir", str(folder)]) == 0
     names = sorted(pretrained.paper_weights())
     assert sorted(r for r, _ in downloads) == [f"timm/{n}" for n in names]
     assert sorted(p.name for p in folder.iterdir()) == [f"{n}.safetensors" for n in names]
     capsys.readouterr()
-    assert pretrained.main(["--dir", str(folder)]) == 0  # a second run downloads nothing
+    assert fetch_weights.main(["--dir", str(folder)]) == 0  # a second run downloads nothing
     assert len(downloads) == len(names) and "nothing to do" in capsys.readouterr().out
 
     def offline(*args, **kwargs):

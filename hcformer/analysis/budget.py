@@ -24,9 +24,7 @@ Reads YAML/JSON only; imports no torch.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import yaml
 
 from hcformer.config import Config
 from hcformer.errors import ConfigError
+from hcformer.experiments import all_experiments, experiments_dir, load_table, load_tables, resolve
 
 DEFAULT_SEEDS = 3  # the paper trains every model three times (Sec. 4.1)
 FIGURES_FILE = "gpu_seconds_per_iter.yaml"
@@ -206,8 +205,6 @@ def _benchmark_figure(data: dict[str, Any], path: Path) -> Figure:
     if data.get("family"):
         family = str(data["family"])
     elif exp_id:
-        from hcformer.experiments import resolve
-
         cfg = resolve(str(exp_id), "paper")
         head = cfg.model.head.type
         family = cfg.model.backbone.name if head == "hcformer" else family_keys(cfg)[0]
@@ -270,8 +267,6 @@ def campaign_budget(
     tables: list[str] | None, figure_files: list[Path], seeds: int = DEFAULT_SEEDS
 ) -> dict[str, Any]:
     """The budget as a JSON-ready dict: experiments, tables, totals, and the figures used."""
-    from hcformer.experiments import all_experiments, experiments_dir, load_table, load_tables
-
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: expected at least 1")
     figures, fixed = load_figures(experiments_dir() / FIGURES_FILE)
@@ -367,34 +362,3 @@ def render(budget: dict[str, Any], detail: bool) -> str:
     )
     lines += ["", budget["note"]]
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer budget",
-        description="GPU-hours of the paper's experiments from their schedules, before submitting.",
-    )
-    parser.add_argument("--table", default="all", help="a paper table id, or all (default)")
-    parser.add_argument(
-        "--gpu-seconds-per-iter",
-        dest="figures",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="figures that replace the estimates per family: a YAML like "
-        "experiments/gpu_seconds_per_iter.yaml or hcformer benchmark-train's JSON (repeatable)",
-    )
-    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="runs per experiment")
-    parser.add_argument(
-        "--out", default="results/paper/budget.json", help="the JSON (default %(default)s)"
-    )
-    parser.add_argument("--experiments", action="store_true", help="one line per experiment")
-    args = parser.parse_args(argv)
-    tables = None if args.table == "all" else [args.table]
-    budget = campaign_budget(tables, [Path(p) for p in args.figures], args.seeds)
-    print(render(budget, args.experiments or tables is not None))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(budget, indent=1) + "\n")
-    print(f"hcformer budget: written {out}", file=sys.stderr)
-    return 0

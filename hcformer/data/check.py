@@ -12,12 +12,13 @@ submitted (the workflow's ``data`` rule at paper scale).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hcformer.data.prepare import DATASETS, MissingInput, check_layout
+from hcformer.data.prepare import MissingInput, check_layout
+from hcformer.experiments import all_experiments
+from hcformer.pretrained import TIMM_PREFIX, weights_present
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,6 @@ class DataNeed:
 
 def scale_needs(scale: str, dataset: str | None = None) -> tuple[list[DataNeed], dict[str, list]]:
     """(the datasets, ``pretrained`` value -> experiment ids) of the experiments of ``scale``."""
-    from hcformer.experiments import all_experiments
-
     data: dict[tuple[str, str], DataNeed] = {}
     weights: dict[str, list[str]] = {}
     for exp in all_experiments(scale).values():
@@ -55,8 +54,6 @@ def _splits(data_cfg) -> tuple[str, ...]:
 
 def check_scale(scale: str, dataset: str | None = None, log: Callable[[str], None] = print) -> None:
     """Raise :class:`MissingInput` naming the first missing input of the scale's experiments."""
-    from hcformer.pretrained import TIMM_PREFIX, weights_present
-
     needs, weights = scale_needs(scale, dataset)
     for need in needs:
         counts = check_layout(
@@ -77,16 +74,3 @@ def check_scale(scale: str, dataset: str | None = None, log: Callable[[str], Non
                 where, "model.backbone.pretrained of " + users[0], "a checkpoint file"
             )
         log(f"check-data: {spec}: {where}")
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer check-data",
-        description="check every dataset file and pretrained weight a scale's experiments need",
-    )
-    parser.add_argument("--scale", default="paper")
-    parser.add_argument("--dataset", default=None, choices=DATASETS)
-    args = parser.parse_args(argv)
-    check_scale(args.scale, args.dataset)
-    print(f"check-data: {args.dataset or 'every dataset'} at scale {args.scale}: all present")
-    return 0

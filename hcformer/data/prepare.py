@@ -30,15 +30,23 @@ of a scale's experiments, and checks their pretrained weights.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from cityscapesscripts.helpers.labels import labels as cityscapes_labels
+from PIL import Image
+from tqdm import tqdm
+
+from hcformer.data.ade20k import ADE20KDataset, categories, label_to_train_ids
+from hcformer.data.base import read_label_png, read_panoptic_png
+from hcformer.data.cityscapes import CityscapesDataset
+from hcformer.data.coco_instance import COCOInstanceDataset
+from hcformer.data.coco_panoptic import COCOPanopticDataset, panoptic_paths, panoptic_to_semantic
 from hcformer.errors import DataError
 
 DATASETS = ("coco_panoptic", "coco_instance", "ade20k", "cityscapes")
@@ -120,8 +128,6 @@ def _coco_panoptic_png_command(root: Path, split: str) -> str:
 
 
 def _check_coco_panoptic(root: Path, split: str, instances: bool) -> int:
-    from hcformer.data.coco_panoptic import COCOPanopticDataset, panoptic_paths
-
     gt_json, gt_dir = panoptic_paths(root, split)
     _need(root / split, f"COCO {split} images", coco_images_command(root, split), folder=True)
     _need(gt_json, "COCO panoptic annotations", coco_panoptic_command(root))
@@ -138,8 +144,6 @@ def _check_coco_panoptic(root: Path, split: str, instances: bool) -> int:
 
 
 def _check_coco_instance(root: Path, split: str) -> int:
-    from hcformer.data.coco_instance import COCOInstanceDataset
-
     _need(root / split, f"COCO {split} images", coco_images_command(root, split), folder=True)
     inst = root / "annotations" / f"instances_{split}.json"
     _need(inst, "COCO instance annotations", coco_instances_command(root))
@@ -160,8 +164,6 @@ def _check_pairs(
 
 
 def _check_ade20k(root: Path, split: str) -> int:
-    from hcformer.data.ade20k import ADE20KDataset
-
     base = ade_base(root)
     cmd = ade_command(root)
     image_dir = _need(base / "images" / split, f"ADE20K {split} images", cmd, folder=True)
@@ -178,8 +180,6 @@ def _check_ade20k(root: Path, split: str) -> int:
 
 
 def _check_cityscapes(root: Path, split: str) -> int:
-    from hcformer.data.cityscapes import CityscapesDataset
-
     img_cmd = cityscapes_command(root, "leftImg8bit_trainvaltest.zip")
     gt_cmd = cityscapes_command(root, "gtFine_trainvaltest.zip")
     image_dir = _need(root / "leftImg8bit" / split, f"Cityscapes {split} images", img_cmd, True)
@@ -248,8 +248,6 @@ def partial_name(dst: Path) -> Path:
 
 
 def _save_png(array, dst: Path) -> None:
-    from PIL import Image
-
     tmp = partial_name(dst)
     Image.fromarray(array).save(tmp, format="PNG")
     os.replace(tmp, dst)
@@ -257,16 +255,10 @@ def _save_png(array, dst: Path) -> None:
 
 def _make(job: Job) -> None:
     """Write one output (temporary name, then rename)."""
-    from hcformer.data.base import read_label_png, read_panoptic_png
-
     job.dst.parent.mkdir(parents=True, exist_ok=True)
     if job.kind == "coco_semantic":
-        from hcformer.data.coco_panoptic import panoptic_to_semantic
-
         _save_png(panoptic_to_semantic(read_panoptic_png(job.src), job.arg), job.dst)
     elif job.kind == "ade_detectron2":
-        from hcformer.data.ade20k import label_to_train_ids
-
         label = read_label_png(job.src)
         _save_png(label_to_train_ids(label, int(job.arg), job.src), job.dst)
     elif job.kind == "cityscapes_train_ids":
@@ -277,11 +269,8 @@ def _make(job: Job) -> None:
 
 def cityscapes_train_id_lut():
     """labelId -> trainId from cityscapesscripts' label table (255 for ignored and -1)."""
-    import numpy as np
-    from cityscapesscripts.helpers.labels import labels
-
     lut = np.full(256, 255, dtype=np.uint8)
-    for label in labels:
+    for label in cityscapes_labels:
         if 0 <= label.id < 256:
             lut[label.id] = label.trainId if 0 <= label.trainId < 255 else 255
     return lut
@@ -291,8 +280,6 @@ def derived_jobs(dataset: str, root: Path, split: str) -> list[Job]:
     """The ``--detectron2`` outputs of a split (coco_instance has none)."""
     root = Path(root)
     if dataset == "coco_panoptic":
-        from hcformer.data.coco_panoptic import COCOPanopticDataset
-
         ds = COCOPanopticDataset(root, split)
         out = root / f"panoptic_semseg_{split}"
         return [
@@ -300,8 +287,6 @@ def derived_jobs(dataset: str, root: Path, split: str) -> list[Job]:
             for e in ds.entries
         ]
     if dataset == "ade20k":
-        from hcformer.data.ade20k import categories
-
         base = ade_base(root)
         k = len(categories(root))
         out = base / "annotations_detectron2" / split
@@ -322,8 +307,6 @@ def derived_jobs(dataset: str, root: Path, split: str) -> list[Job]:
 
 def run_jobs(jobs: Sequence[Job], desc: str, workers: int) -> int:
     """Make the outputs that are missing; returns how many were made."""
-    from tqdm import tqdm
-
     todo = [j for j in jobs if not j.dst.is_file()]
     if not todo:
         return 0
@@ -346,8 +329,6 @@ def extract_panoptic_pngs(root: Path, split: str) -> tuple[int, int]:
     A PNG is taken as there when its size is the zip's (an interrupted ``unzip`` leaves a
     shorter file under the final name; this writes ``.partial`` names and renames).
     """
-    from tqdm import tqdm
-
     annotations = Path(root) / "annotations"
     archive = annotations / f"panoptic_{split}.zip"
     if not archive.is_file():
@@ -403,36 +384,3 @@ def prepare(
     if not written:
         log(f"prepare-data: {dataset} at {root}: nothing to do (already prepared)")
     return written
-
-
-# --------------------------------------------------------------------------------------------
-# Commands.
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer prepare-data",
-        description="turn an unzipped official dataset release into the readers' layout",
-    )
-    parser.add_argument("--dataset", required=True, choices=DATASETS)
-    parser.add_argument("--root", required=True, type=Path, help="the dataset folder")
-    parser.add_argument("--splits", nargs="+", default=None, help="default: train and val")
-    parser.add_argument(
-        "--detectron2",
-        action="store_true",
-        help="also write the files detectron2/Mask2Former read (semantic maps, train-id PNGs)",
-    )
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    args = parser.parse_args(argv)
-    prepare(
-        args.dataset,
-        args.root,
-        args.splits,
-        detectron2=args.detectron2,
-        workers=max(1, args.workers),
-    )
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))

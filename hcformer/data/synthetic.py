@@ -24,11 +24,9 @@ a temporary folder and renames it into place, so concurrent callers never see a 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from hcformer.data.base import id2rgb
 from hcformer.data.scenes import CLASSES, Scene, make_scene
@@ -137,8 +136,6 @@ class _COCOWriter:
         self.records[split] = {"images": [], "panoptic": [], "instances": []}
 
     def add(self, split: str, i: int, scene: Scene) -> None:
-        from pycocotools import mask as mask_util
-
         name = self.names[split]
         image_id = (1 if split == "train" else 1_000_001) + i
         file_name = f"{image_id:012d}"
@@ -355,30 +352,3 @@ def ensure_synthetic(cfg: Any) -> Path | None:
         return None
     s = cfg.synthetic
     return write_synthetic(cfg.dataset, cfg.root, s.train_images, s.size, s.seed, s.val_images)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise DataError(f"--size {text!r}: expected HxW, e.g. 128x128") from None
-    return h, w
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer synth-data", description="Write a synthetic dataset in a real format."
-    )
-    parser.add_argument("--dataset", required=True, choices=sorted(FORMATS))
-    parser.add_argument("--out", required=True, help="the dataset root to create")
-    parser.add_argument("--images", type=int, default=200, help="training images")
-    parser.add_argument("--val-images", type=int, default=None, help="default: max(8, images // 8)")
-    parser.add_argument("--size", default="128x128", help="HxW")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    out = write_synthetic(
-        args.dataset, args.out, args.images, parse_size(args.size), args.seed, args.val_images
-    )
-    print(f"{out}: {args.dataset} written in {time.perf_counter() - start:.1f} s")
-    return 0

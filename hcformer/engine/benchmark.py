@@ -16,21 +16,24 @@ also printed as one readable line on stderr. Used for the GPU-hour budget of a c
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+import torch
+
+from hcformer.config import Config
+from hcformer.engine.batches import to_device, train_pad_size
+from hcformer.engine.optim import build_optimizer
+from hcformer.engine.randomness import seed_init
 from hcformer.errors import HCFormerError
+from hcformer.losses import build_criterion
+from hcformer.models import build_model
 
 
 def random_targets(batch: int, height: int, width: int, num_classes: int, *, generator, device):
     """A few random rectangles per image, with labels and the matching semantic map."""
-    import torch
-
     targets = []
     for _ in range(batch):
         n = 4
@@ -61,8 +64,6 @@ class PhaseClock:
         self.marks: list[tuple[str, Any]] = []
 
     def mark(self, name: str) -> None:
-        import torch
-
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -73,8 +74,6 @@ class PhaseClock:
     def split(self) -> dict[str, float]:
         """Seconds from each mark to the next, by the later mark's name (0 for a phase not
         marked: no matching in a per-pixel loss); clears the marks."""
-        import torch
-
         if self.cuda:
             torch.cuda.synchronize()
         out = dict.fromkeys(PHASES, 0.0)
@@ -90,14 +89,6 @@ def time_training(cfg, *, batch: int, iterations: int, warmup: int, device) -> d
     pinned memory on CUDA, as the training loop gets it), ``forward``, ``matching`` (every
     set's costs, the host's assignment and the matches back), ``loss``, ``backward``,
     ``optimiser`` (unscale, clipping, AdamW): each the median over the timed steps."""
-    import torch
-
-    from hcformer.engine.batches import to_device, train_pad_size
-    from hcformer.engine.optim import build_optimizer
-    from hcformer.engine.randomness import seed_init
-    from hcformer.losses import build_criterion
-    from hcformer.models import build_model
-
     seed_init(0)
     model = build_model(cfg.model).to(device).train()
     criterion = build_criterion(cfg).to(device)
@@ -172,6 +163,32 @@ def time_training(cfg, *, batch: int, iterations: int, warmup: int, device) -> d
     return out
 
 
+def benchmark(
+    cfg: Config,
+    exp_id: str,
+    *,
+    batch: int,
+    iterations: int,
+    warmup: int,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """:func:`time_training` on ``device`` (default: the GPU when there is one), the batch
+    halved on CUDA out-of-memory until one fits (each halving said through ``log``)."""
+    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    while True:
+        try:
+            return time_training(
+                cfg, batch=batch, iterations=iterations, warmup=warmup, device=where
+            )
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise HCFormerError(f"{exp_id}: one image does not fit on {where}") from None
+            batch //= 2
+            torch.cuda.empty_cache()
+            log(f"hcformer benchmark-train: out of memory; trying batch {batch}")
+
+
 def readable(result: dict[str, Any]) -> str:
     """One line: seconds per step and the median of each phase."""
     phases = ", ".join(f"{p} {v:.4f}" for p, v in result["phase_seconds"].items())
@@ -181,57 +198,3 @@ def readable(result: dict[str, Any]) -> str:
         f"({result['images_per_second']:.1f} img/s); phases in s ({result['phase_timer']}, "
         f"medians): {phases}"
     )
-
-
-def main(argv: list[str]) -> int:
-    import torch
-
-    from hcformer.engine.train import SCALES, run_config
-
-    p = argparse.ArgumentParser(prog="hcformer benchmark-train", description=__doc__.split("\n")[0])
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--experiment", help="experiment id (see `hcformer experiments`)")
-    what.add_argument("--config", help="a config YAML of one's own")
-    p.add_argument("--scale", default="paper", choices=SCALES)
-    p.add_argument(
-        "--batch", type=int, default=0, help="images per iteration (default: the config's)"
-    )
-    p.add_argument("--iterations", type=int, default=20, help="timed iterations")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--out", default=None, help="write the JSON here (default: stdout only)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    if args.iterations < 1 or args.warmup < 0:
-        raise HCFormerError("--iterations must be >= 1 and --warmup >= 0")
-    cfg, info = run_config(
-        experiment=args.experiment,
-        config_file=args.config,
-        scale=args.scale,
-        seed=0,
-        overrides=args.set,
-    )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    batch = args.batch or cfg.solver.batch_size
-    while True:
-        try:
-            result = time_training(
-                cfg, batch=batch, iterations=args.iterations, warmup=args.warmup, device=device
-            )
-            break
-        except torch.OutOfMemoryError:
-            if batch == 1:
-                raise HCFormerError(
-                    f"{info['exp_id']}: one image does not fit on {device}"
-                ) from None
-            batch //= 2
-            torch.cuda.empty_cache()
-            print(f"hcformer benchmark-train: out of memory; trying batch {batch}", file=sys.stderr)
-    result.update({"exp_id": info["exp_id"], "scale": args.scale, "git_commit": info["git_commit"]})
-    text = json.dumps(result, indent=2, sort_keys=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    print(readable(result), file=sys.stderr)
-    return 0

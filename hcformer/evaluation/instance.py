@@ -12,11 +12,9 @@ CLI: ``hcformer evaluate-instance --gt-json F --results-json F [--boundary] --ou
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -102,22 +100,3 @@ def evaluate_instance(
         fev.params.imgIds = ids
         out.update(_stats(fev, "_boundary"))
     return out
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer evaluate-instance", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--gt-json", required=True)
-    parser.add_argument("--results-json", required=True)
-    parser.add_argument("--boundary", action="store_true", help="also boundary AP (dilation 0.02)")
-    parser.add_argument("--out", required=True, help="the JSON file to write")
-    args = parser.parse_args(argv)
-    res = evaluate_instance(args.gt_json, args.results_json, boundary=args.boundary)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    line = f"AP {res['ap']:.2f}  AP50 {res['ap50']:.2f}  AP75 {res['ap75']:.2f}"
-    if args.boundary:
-        line += f"  boundary AP {res['ap_boundary']:.2f}"
-    print(line)
-    return 0

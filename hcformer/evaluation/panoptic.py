@@ -15,8 +15,6 @@ CLI: ``hcformer evaluate-panoptic --gt-json F --gt-dir D --pred-json F --pred-di
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,22 +215,3 @@ def evaluate_panoptic(
     out = summarize(stats, categories)
     out["images"] = images
     return out
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer evaluate-panoptic", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--gt-json", required=True)
-    parser.add_argument("--gt-dir", required=True)
-    parser.add_argument("--pred-json", required=True)
-    parser.add_argument("--pred-dir", required=True)
-    parser.add_argument("--out", required=True, help="the JSON file to write")
-    args = parser.parse_args(argv)
-    res = evaluate_panoptic(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    print(
-        f"PQ {res['pq']:.2f}  SQ {res['sq']:.2f}  RQ {res['rq']:.2f}  PQ_th {res['pq_th']:.2f}  PQ_st {res['pq_st']:.2f}  ({res['images']} images)"
-    )
-    return 0

@@ -19,8 +19,6 @@ CLI: ``hcformer evaluate-semantic --dataset ade20k|cityscapes|coco_panoptic --gt
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -183,20 +181,3 @@ def evaluate_semantic(
     res["images"] = images
     res["mean"] = MEANS[dataset]
     return res
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer evaluate-semantic", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--dataset", required=True, choices=sorted(MEANS))
-    parser.add_argument("--gt-dir", required=True)
-    parser.add_argument("--pred-dir", required=True)
-    parser.add_argument("--gt-json", default=None, help="coco_panoptic only: the panoptic JSON")
-    parser.add_argument("--out", required=True, help="the JSON file to write")
-    args = parser.parse_args(argv)
-    res = evaluate_semantic(args.dataset, args.gt_dir, args.pred_dir, gt_json=args.gt_json)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    print(f"mIoU {res['miou']:.2f}  pixel acc {res['pixel_acc']:.2f}  ({res['images']} images)")
-    return 0

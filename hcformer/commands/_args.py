@@ -1,0 +1,74 @@
+"""What several commands share: the parser, the arguments spelt once, the output writer."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from hcformer.experiments import scales
+
+DEVICE_HELP = "cpu, cuda, cuda:1 (default: cuda if available)"
+
+
+def command_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``hcformer <name>``; its description is ``doc``'s first paragraph."""
+    return argparse.ArgumentParser(prog=f"hcformer {name}", description=doc.split("\n\n")[0])
+
+
+def add_scale(
+    parser: argparse.ArgumentParser,
+    *,
+    default: str | None = "paper",
+    required: bool = False,
+    checked: bool = True,
+    listed: bool = False,
+    help: str | None = None,
+) -> None:
+    """``--scale``: one of the scales of ``experiments/scales/``. ``checked``: argparse
+    refuses others; ``listed``: the help names them and the default."""
+    if listed:
+        help = f"{', '.join(scales())} (default {default})"
+    parser.add_argument(
+        "--scale",
+        default=default,
+        required=required,
+        choices=scales() if checked else None,
+        help=help,
+    )
+
+
+def add_experiment_or_config(
+    parser: argparse.ArgumentParser,
+    experiment_help: str = "experiment id (see `hcformer experiments`)",
+    config_help: str = "a config YAML of one's own instead of --experiment",
+) -> None:
+    """Exactly one of ``--experiment ID`` (a paper experiment) or ``--config FILE``."""
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--experiment", help=experiment_help)
+    what.add_argument("--config", help=config_help)
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device``: a torch device name, default the GPU when there is one."""
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    """``--set key=value`` (repeatable) into ``args.overrides``: config overrides."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def add_json_out(parser: argparse.ArgumentParser) -> None:
+    """``--out FILE`` (required): where the command writes its JSON."""
+    parser.add_argument("--out", required=True, help="the JSON file to write")
+
+
+def write_output(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (its folder made), under a temporary name then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
