@@ -5,8 +5,10 @@ either quoted from another paper (``quoted: true`` + ``source:``) or a set of do
 (``set:``) on the dataset's base config ``experiments/base/<dataset>.yaml``; table IV's rows
 combine three runs, one per dataset column (``runs:``). A config is resolved as
 
-    base/<dataset>.yaml -> base/backbones.yaml[<backbone>] -> table ``defaults:`` -> row ``set:``
-    -> scale overlay (common, dataset, backbone, head sections) -> row ``schedule:`` multiplier
+    base/<dataset>.yaml -> the backbone's paper settings (its entry in hcformer.families:
+    ImageNet weights, drop path) -> table ``defaults:`` -> row ``set:``
+    -> scale overlay (common, dataset, the backbone entries' tiny shrink with
+       ``tiny_backbones: true``, backbone, head sections) -> row ``schedule:`` multiplier
        (of ``solver.iterations`` and of the decay steps given as iteration numbers)
     -> normalisation (dcnv2 is irrelevant where no clustering module sits, e.g. at L0)
 
@@ -16,8 +18,8 @@ it. Its id is derived from the paper-scale resolved config, e.g.
 would collide get a short hash of the config appended).
 
 ``hcformer experiments [--table ID] [--scale S] [--json]`` lists them. This module imports only
-``hcformer.config`` and ``hcformer.errors`` (no torch): the Snakefile and the submitting
-process import it.
+``hcformer.config``, ``hcformer.families`` and ``hcformer.errors`` (no torch): the Snakefile and
+the submitting process import it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hcformer.config import (
+    BackboneConfig,
     Config,
     build_config,
     flatten,
@@ -43,6 +46,7 @@ from hcformer.config import (
     to_dict,
 )
 from hcformer.errors import ConfigError
+from hcformer.families import BACKBONES, backbone_entry, head_entry
 
 # Keys a paper table varies: a scale overlay must never set them (docs/interfaces.md).
 VARIED_KEYS = (
@@ -62,11 +66,17 @@ VARIED_KEYS = (
 PROFILE_COLUMNS = ("params_m", "gflops", "latency_ms")
 SETTING_COLUMNS = ("crop", "hierarchy_level", "decoder_layers", "dcnv2", "queries")
 
-BACKBONE_TOKENS = {"resnet50": "r50", "resnet101": "r101", "swin_s": "swins", "swin_l": "swinl"}
-MASK_HEADS = ("hcformer", "maskformer")
 ROW_KEYS = {"label", "set", "quoted", "source", "requires", "schedule", "runs"}
 RUN_KEYS = {"dataset", "metric", "set", "schedule"}
-OVERLAY_KEYS = {"extends", "common", "dataset", "backbone", "head", "schedule_multiplier"}
+OVERLAY_KEYS = {
+    "extends",
+    "common",
+    "dataset",
+    "tiny_backbones",
+    "backbone",
+    "head",
+    "schedule_multiplier",
+}
 
 
 def experiments_dir() -> Path:
@@ -352,7 +362,8 @@ def _check_overlay_keys(section: dict[str, Any], where: str) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _load_overlay(root: Path, scale: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The overlay of ``scale`` as {common, dataset, backbone, head, schedule_multiplier}."""
+    """The overlay of ``scale`` as {common, dataset, tiny_backbones, backbone, head,
+    schedule_multiplier}."""
     path = root / "scales" / f"{scale}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(scales(root))}")
@@ -379,14 +390,24 @@ def _load_overlay(root: Path, scale: str, _seen: tuple[str, ...] = ()) -> dict[s
     if not isinstance(multiplier, bool):
         raise ConfigError(f"{path}: schedule_multiplier must be true or false")
     out["schedule_multiplier"] = multiplier
+    tiny = data.get("tiny_backbones", out.get("tiny_backbones", False))
+    if not isinstance(tiny, bool):
+        raise ConfigError(f"{path}: tiny_backbones must be true or false")
+    out["tiny_backbones"] = tiny
     return out
 
 
 def apply_overlay(cfg: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    """Apply a loaded scale overlay to a nested config dict (common, dataset, backbone, head)."""
+    """Apply a loaded scale overlay to a nested config dict (common, dataset, the backbone
+    entry's tiny shrink where the overlay asks for it, backbone, head)."""
     out = merge(cfg, overlay["common"])
     out = merge(out, overlay["dataset"].get(out["data"]["dataset"], {}))
-    out = merge(out, overlay["backbone"].get(out["model"]["backbone"]["name"], {}))
+    name = out["model"]["backbone"]["name"]
+    if overlay["tiny_backbones"]:
+        shrink = {"model": {"backbone": dict(backbone_entry(name).tiny)}}
+        _check_overlay_keys(shrink, f"hcformer.families: BACKBONES[{name!r}].tiny")
+        out = merge(out, shrink)
+    out = merge(out, overlay["backbone"].get(name, {}))
     return merge(out, overlay["head"].get(out["model"]["head"]["type"], {}))
 
 
@@ -399,7 +420,7 @@ def normalise(cfg: Config) -> Config:
     (App. E.2), so at hierarchy level 0 and for Swin the flag is irrelevant and set to the
     default; table II's two L0 rows are then one experiment."""
     backbone = cfg.model.backbone
-    if backbone.hierarchy_level == 0 or not backbone.name.startswith("resnet"):
+    if backbone.hierarchy_level == 0 or not backbone_entry(backbone.name).family.dcnv2:
         default = type(backbone)().dcnv2
         cfg = dataclasses.replace(
             cfg,
@@ -418,9 +439,10 @@ def _cached_yaml(path: Path) -> dict[str, Any]:
 def _resolve_run(root: Path, run: Run, scale: str = "paper") -> Config:
     base_path = root / "base" / f"{run.dataset}.yaml"
     data = _cached_yaml(base_path)
-    backbones = _cached_yaml(root / "base" / "backbones.yaml")
-    name = merge(data, run.overrides).get("model", {}).get("backbone", {}).get("name", "resnet50")
-    data = merge(data, _mapping(backbones.get(name), f"{root / 'base' / 'backbones.yaml'}: {name}"))
+    name = merge(data, run.overrides).get("model", {}).get("backbone", {}).get("name")
+    entry = BACKBONES.get(name or BackboneConfig().name)
+    if entry is not None:  # an unknown name fails below, in build_config, naming the valid ones
+        data = merge(data, entry.paper_settings())
     data = merge(data, run.overrides)
     try:
         cfg_dict = to_dict(build_config(data))
@@ -449,8 +471,9 @@ def readable_name(cfg: Config) -> str:
     """``<dataset>/<model>-<backbone>-L<k>-D<d>-Q<q>[-nodcn][-plus][-std]`` (per-pixel models:
     ``<head>-<backbone>-os<s>`` when dilated, else ``-L<k>``)."""
     backbone, head = cfg.model.backbone, cfg.model.head
-    parts = [head.type, BACKBONE_TOKENS.get(backbone.name, backbone.name)]
-    if head.type in MASK_HEADS:
+    family = backbone_entry(backbone.name).family
+    parts = [head.type, backbone_entry(backbone.name).token]
+    if head_entry(head.type).kind == "mask":
         if head.type == "hcformer" or backbone.hierarchy_level:
             parts.append(f"L{backbone.hierarchy_level}")
         parts += [f"D{head.decoder_layers}", f"Q{head.queries}"]
@@ -458,7 +481,7 @@ def readable_name(cfg: Config) -> str:
         parts.append(f"os{backbone.output_stride}")
     else:
         parts.append(f"L{backbone.hierarchy_level}")
-    if backbone.name.startswith("resnet") and backbone.hierarchy_level and not backbone.dcnv2:
+    if family.dcnv2 and backbone.hierarchy_level and not backbone.dcnv2:
         parts.append("nodcn")
     if head.encoder_layers == 6:
         parts.append("plus")

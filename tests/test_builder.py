@@ -145,12 +145,15 @@ def test_bad_combinations_name_the_key(head, backbone, message):
         _build({"head": head, "backbone": backbone})
 
 
-def test_unknown_head_type_is_not_built_yet(monkeypatch):
-    from hcformer.models import build as build_module
+def test_unregistered_head_type_is_not_built_yet(monkeypatch):
+    from hcformer import families
 
-    monkeypatch.delitem(build_module._BUILDERS, "maskformer", raising=False)
+    cfg = build_config({"model": {"head": {"type": "maskformer"}}}).model
+    monkeypatch.delitem(families.HEADS, "maskformer")
     with pytest.raises(ConfigError, match=r"model\.head\.type: 'maskformer' is not built yet"):
-        _build({"head": {"type": "maskformer"}})
+        build_model(cfg)
+    with pytest.raises(ConfigError, match=r"model\.head\.type: 'maskformer' is not one of"):
+        build_config({"model": {"head": {"type": "maskformer"}}})
 
 
 def test_misspelt_keys_fail_in_build_config():

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from hcformer.errors import HCFormerError
+from hcformer.families import head_entry
 
 VISUAL = "visual"
 PREDICTIONS = "predictions"
@@ -131,7 +132,6 @@ class Evaluator:
         from hcformer.engine.predictions import InstanceWriter, PanopticWriter, SemanticWriter
         from hcformer.engine.runinfo import METRICS, check_num_classes, write_json_atomic
         from hcformer.evaluation import undersegmentation_error
-        from hcformer.losses import PER_PIXEL_HEADS
         from hcformer.models import postprocess as pp
         from hcformer.ops import hard_clusters
 
@@ -144,7 +144,7 @@ class Evaluator:
         final = model is None
         if final:
             model = self.load_model()
-        per_pixel = cfg.model.head.type in PER_PIXEL_HEADS
+        per_pixel = head_entry(cfg.model.head.type).per_pixel
         task = cfg.data.task
         out_dir = self.run_dir / PREDICTIONS if out_dir is None else Path(out_dir)
         cats = ds.categories

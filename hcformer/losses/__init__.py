@@ -1,14 +1,15 @@
 """Hungarian matcher, mask/dice/class losses, the |sum s| regulariser (Sec. 4.1).
 
-``build_criterion(cfg)`` picks the loss of the model family that ``cfg.model.head.type`` names.
+``build_criterion(cfg)`` picks the loss of the kind of head that ``cfg.model.head.type`` names
+(its entry in :data:`hcformer.families.HEADS`: mask classification or per-pixel).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hcformer.families import head_entry
 from hcformer.losses.criterion import (
-    PER_PIXEL_HEADS,
     LossNorm,
     PerPixelCriterion,
     SetCriterion,
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from hcformer.config import Config
 
 __all__ = [
-    "PER_PIXEL_HEADS",
     "HungarianMatcher",
     "LossNorm",
     "PerPixelCriterion",
@@ -45,7 +45,7 @@ __all__ = [
 def build_criterion(cfg: Config) -> SetCriterion | PerPixelCriterion:
     """The loss for ``cfg.model`` with the weights of ``cfg.loss``."""
     loss = cfg.loss
-    if cfg.model.head.type in PER_PIXEL_HEADS:
+    if head_entry(cfg.model.head.type).per_pixel:
         return PerPixelCriterion(reg_weight=loss.reg_weight)
     matcher = HungarianMatcher(
         class_weight=loss.class_weight,

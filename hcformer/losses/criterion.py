@@ -53,8 +53,6 @@ from hcformer.losses.point_sampling import (
     row_slots,
 )
 
-PER_PIXEL_HEADS = ("fcn32s", "fpn", "pspnet", "deeplabv3")
-
 
 @dataclass(frozen=True)
 class LossNorm:

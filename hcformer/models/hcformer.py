@@ -12,6 +12,8 @@ is small (tiny scale) the training sets are handed to the loss as coefficients o
 one-hot maps of the coarse cells: the same logits, never materialised for every query.
 
 HCFormer+ adds a DETR encoder on the stride-32 map, inside ``backbone`` (see ``encoder.py``).
+:func:`build_hcformer` assembles either from the config (the registry's builder of
+``model.head.type: hcformer``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hcformer.config import ModelConfig
+from hcformer.errors import ConfigError
+from hcformer.models.backbones import build_backbone
+from hcformer.models.build import check_keys, query_decoder
 from hcformer.models.clustering import (
     decode_basis,
     decode_masks,
@@ -27,6 +33,7 @@ from hcformer.models.clustering import (
 )
 from hcformer.models.encoder import BackboneWithEncoder, TransformerEncoder
 from hcformer.models.position_encoding import PositionEmbeddingSine
+from hcformer.models.transformer_decoder import MaskedAttentionDecoder, StandardDecoder
 
 # ImageNet statistics on the 0..255 scale (the backbones' pretraining).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -176,3 +183,88 @@ def _c2_xavier_fill(conv: nn.Conv2d) -> None:
     """Caffe2's XavierFill as detectron2 uses it: kaiming-uniform with a=1, zero bias."""
     nn.init.kaiming_uniform_(conv.weight, a=1)
     nn.init.zeros_(conv.bias)
+
+
+def _check_hcformer(cfg: ModelConfig) -> None:
+    head, backbone = cfg.head, cfg.backbone
+    check_keys(
+        [
+            (head.queries >= 1, "model.head.queries", head.queries, "an integer >= 1"),
+            (head.decoder_layers >= 1, "model.head.decoder_layers", head.decoder_layers, ">= 1"),
+            (head.encoder_layers >= 0, "model.head.encoder_layers", head.encoder_layers, ">= 0"),
+            (head.nheads >= 1, "model.head.nheads", head.nheads, ">= 1"),
+            (
+                head.hidden_dim >= 4 and head.hidden_dim % 4 == 0,
+                "model.head.hidden_dim",
+                head.hidden_dim,
+                "a positive multiple of 4 (two sine encodings of hidden_dim/2 channels)",
+            ),
+            (head.mask_dim >= 1, "model.head.mask_dim", head.mask_dim, ">= 1"),
+            (
+                head.dim_feedforward >= 1,
+                "model.head.dim_feedforward",
+                head.dim_feedforward,
+                ">= 1",
+            ),
+            (
+                0.0 <= head.decoder_dropout < 1.0,
+                "model.head.decoder_dropout",
+                head.decoder_dropout,
+                "in [0, 1)",
+            ),
+            (
+                0.0 <= head.encoder_dropout < 1.0,
+                "model.head.encoder_dropout",
+                head.encoder_dropout,
+                "in [0, 1)",
+            ),
+            (cfg.num_classes >= 1, "model.num_classes", cfg.num_classes, ">= 1"),
+            (
+                0 <= backbone.hierarchy_level <= 3,
+                "model.backbone.hierarchy_level",
+                backbone.hierarchy_level,
+                "one of 0, 1, 2, 3",
+            ),
+            (
+                backbone.output_stride == 32,
+                "model.backbone.output_stride",
+                backbone.output_stride,
+                "32 for head type 'hcformer' (8 is for the dilated per-pixel baselines)",
+            ),
+        ]
+    )
+    if head.hidden_dim % head.nheads:
+        raise ConfigError(
+            f"model.head.nheads: {head.nheads} does not divide model.head.hidden_dim "
+            f"{head.hidden_dim}; expected a divisor of hidden_dim"
+        )
+
+
+def build_hcformer(cfg: ModelConfig) -> HCFormer:
+    """HCFormer (``encoder_layers: 0``) or HCFormer+ (``encoder_layers: 6``) from the config.
+
+    Paper sizes (Sec. 4.1 and the authors' configs): d = 256, 8 heads, FFN 2048, 100 queries
+    (200 Swin-L COCO), 8 masked decoder layers (9 standard ones in Table III), 6 encoder layers
+    for HCFormer+.
+    """
+    _check_hcformer(cfg)
+    head = cfg.head
+    backbone = build_backbone(cfg.backbone)
+    encoder = None
+    if head.encoder_layers > 0:
+        encoder = TransformerEncoder(
+            in_channels=backbone.out_channels["res5"],
+            d_model=head.hidden_dim,
+            num_layers=head.encoder_layers,
+            nheads=head.nheads,
+            dim_feedforward=head.dim_feedforward,
+            dropout=head.encoder_dropout,
+        )
+    decoder_cls = MaskedAttentionDecoder if head.decoder == "masked" else StandardDecoder
+    return HCFormer(
+        backbone=backbone,
+        decoder=query_decoder(cfg, decoder_cls),
+        encoder=encoder,
+        hidden_dim=head.hidden_dim,
+        mask_dim=head.mask_dim,
+    )

@@ -20,6 +20,8 @@ from torch import nn
 
 from hcformer.config import ModelConfig
 from hcformer.errors import ConfigError
+from hcformer.models.backbones import build_backbone
+from hcformer.models.build import check_keys, query_decoder
 from hcformer.models.hcformer import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY
 from hcformer.models.pixel_decoder import FPNPixelDecoder, PixelDecoderEncoder, c2_xavier_fill
 from hcformer.models.position_encoding import PositionEmbeddingSine
@@ -123,7 +125,7 @@ def build_maskformer(cfg: ModelConfig) -> MaskFormer:
             f"model.head.decoder: {head.decoder!r} is not valid for model.head.type 'maskformer' "
             "(MaskFormer uses the standard DETR decoder: use 'standard')"
         )
-    checks = [
+    checks: list[tuple[bool, str, object, str]] = [
         (head.queries >= 1, "model.head.queries", head.queries, ">= 1"),
         (head.decoder_layers >= 1, "model.head.decoder_layers", head.decoder_layers, ">= 1"),
         (head.encoder_layers >= 0, "model.head.encoder_layers", head.encoder_layers, ">= 0"),
@@ -154,11 +156,7 @@ def build_maskformer(cfg: ModelConfig) -> MaskFormer:
             f"a multiple of 4 and of model.head.nheads ({head.nheads}): the encoder runs at it",
         ),
     ]
-    for ok, key, value, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {value!r} is invalid; expected {expected}")
-    from hcformer.models.backbones import build_backbone
-
+    check_keys(checks)
     # MaskFormer's Swin LayerNorms every stage output its FPN reads (no-op for ResNets).
     backbone = build_backbone(bb, norm_all_features=True)
     encoder = None
@@ -177,16 +175,9 @@ def build_maskformer(cfg: ModelConfig) -> MaskFormer:
         mask_dim=head.mask_dim,
         encoder=encoder,
     )
-    decoder = StandardDecoder(
-        hidden_dim=head.hidden_dim,
-        num_classes=cfg.num_classes,
-        num_queries=head.queries,
-        num_layers=head.decoder_layers,
-        nheads=head.nheads,
-        dim_feedforward=head.dim_feedforward,
-        dropout=head.decoder_dropout,
-        mask_dim=head.mask_dim,
-    )
     return MaskFormer(
-        backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder, hidden_dim=head.hidden_dim
+        backbone=backbone,
+        pixel_decoder=pixel_decoder,
+        decoder=query_decoder(cfg, StandardDecoder),
+        hidden_dim=head.hidden_dim,
     )

@@ -36,6 +36,7 @@ from torchvision.models.segmentation.fcn import FCNHead as _TorchvisionFCNHead
 
 from hcformer.config import ModelConfig
 from hcformer.errors import ConfigError
+from hcformer.models.backbones import build_backbone
 from hcformer.models.clustering import decode_masks
 from hcformer.models.hcformer import PIXEL_MEAN, PIXEL_STD
 from hcformer.models.maskformer import normalise_images
@@ -230,8 +231,6 @@ def build_perpixel(cfg: ModelConfig) -> PerPixelModel:
     ``backbone.output_stride: 32``; ``head.pixel_decoder_dim`` is the width of the FPN and of
     the ASPP (256); the FCN and PSP widths are res5's channels / 4, as in FCN/PSPNet.
     """
-    from hcformer.models.backbones import build_backbone
-
     check_perpixel_config(cfg)
     kind, k = cfg.head.type, cfg.num_classes
     # The FPN reads res2..res4 too: a Swin backbone norms them as MaskFormer's (ResNets: no-op).

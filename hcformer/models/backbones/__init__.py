@@ -1,6 +1,8 @@
 """Backbones with clustering modules: ``build_backbone(cfg)`` turns a ``BackboneConfig`` into one.
 
-Families (``cfg.name``) and their paper sizes:
+``cfg.name`` names an entry of :data:`hcformer.families.BACKBONES`, which holds the family's
+builder (``resnet.py:build_resnet``, ``swin.py:build_swin``), its paper size and its ImageNet
+weights:
 
 ============  =============================================================================
 resnet50      timm ResNet-50, torchvision-style bottlenecks, depths 3-4-6-3, widths 64..512
@@ -9,17 +11,17 @@ swin_s        timm Swin-S: embed 96, depths 2-2-18-2, heads 3-6-12-24, window 7
 swin_l        timm Swin-L: embed 192, depths 2-2-18-2, heads 6-12-24-48, window 12
 ============  =============================================================================
 
-The shape keys of the config (``depths``, ``widths``, ``stem_width`` for ResNets; ``depths``,
-``embed_dim``, ``num_heads``, ``window_size`` for Swin) shrink a family for the tiny/smoke scales
-without changing the code path. Every backbone's ``forward(x)`` takes normalised images
-``[B, 3, H, W]`` (H, W multiples of 32) and returns a :class:`BackboneOutput`; it has
-``out_channels`` and ``strides`` (dicts over ``res2..res5``).
+The shape keys of the config (the family's ``shape_keys``: ``depths``, ``widths``,
+``stem_width`` for ResNets; ``depths``, ``embed_dim``, ``num_heads``, ``window_size`` for Swin)
+shrink a backbone for the tiny/smoke scales without changing the code path. Every backbone's
+``forward(x)`` takes normalised images ``[B, 3, H, W]`` (H, W multiples of 32) and returns a
+:class:`BackboneOutput`; it has ``out_channels`` and ``strides`` (dicts over ``res2..res5``).
 
 ``cfg.pretrained``: ``""`` (random init), a local checkpoint file (torch state dict; timm,
 torchvision, detectron2 or Swin-release key names), or ``"timm:<model name>"`` (timm's
 pretrained weights: ``<name>.safetensors`` in the weights folder of ``hcformer fetch-weights``
-when it is there, else through huggingface_hub's cache, see :mod:`hcformer.pretrained`;
-``PAPER_PRETRAINED`` names the paper's ImageNet weights). The clustering modules, DCN offset
+when it is there, else through huggingface_hub's cache, see :mod:`hcformer.pretrained`; an
+entry's ``pretrained`` names the paper's ImageNet weights). The clustering modules, DCN offset
 convs and biases, and Swin's output norms are new and are expected to be absent from any
 checkpoint; a checkpoint that lacks any other weight of the backbone, or holds weights it does
 not know (other than a classifier), is an error.
@@ -27,43 +29,16 @@ not know (other than a classifier), is an error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import re
-
-from torch import Tensor, nn
+from collections.abc import Callable
 
 from hcformer.config import BackboneConfig
-from hcformer.errors import ConfigError, HCFormerError
+from hcformer.errors import ConfigError
+from hcformer.families import BACKBONES, BackboneFamily, backbone_entry, load
 from hcformer.models.backbones.common import Backbone, BackboneOutput, LoadReport, load_pretrained
-from hcformer.models.backbones.resnet import (
-    RESNET_SIZES,
-    ResNetBackbone,
-    create_resnet_trunk,
-    resnet_state_from_checkpoint,
-)
-from hcformer.models.backbones.swin import (
-    SWIN_SIZES,
-    SwinBackbone,
-    create_swin_trunk,
-    swin_state_from_checkpoint,
-)
-from hcformer.models.clustering import ClusteringModule
-from hcformer.models.dcn import ModulatedDeformConv2d
 
 log = logging.getLogger(__name__)
-
-
-# The ImageNet weights the authors start from (Mask2Former's): torchvision's ResNets, Swin-S
-# on ImageNet-1K at 224, Swin-L on ImageNet-22K at 384 (docs/fidelity.md, D3).
-PAPER_PRETRAINED = {
-    "resnet50": "timm:resnet50.tv_in1k",
-    "resnet101": "timm:resnet101.tv_in1k",
-    "swin_s": "timm:swin_small_patch4_window7_224.ms_in1k",
-    "swin_l": "timm:swin_large_patch4_window12_384.ms_in22k",
-}
-
-RESNET_ONLY = ("widths", "stem_width")
-SWIN_ONLY = ("embed_dim", "num_heads", "window_size")
 
 
 def _check_list(cfg: BackboneConfig, key: str, length: int) -> None:
@@ -74,8 +49,17 @@ def _check_list(cfg: BackboneConfig, key: str, length: int) -> None:
         )
 
 
+def _family_names(selected: Callable[[BackboneFamily], bool]) -> str:
+    """The registered families that ``selected`` picks, for messages (e.g. "Swin")."""
+    return " or ".join(
+        dict.fromkeys(e.family.name for e in BACKBONES.values() if selected(e.family))
+    )
+
+
 def validate(cfg: BackboneConfig) -> None:
-    """Raise ``ConfigError`` naming the key for combinations the backbones cannot build."""
+    """Raise ``ConfigError`` naming the key for combinations the backbones cannot build (what
+    every family shares; a family's builder checks its own keys first)."""
+    family = backbone_entry(cfg.name).family
     if not 0 <= cfg.hierarchy_level <= 3:
         raise ConfigError(
             f"model.backbone.hierarchy_level: expected 0..3 (clustering modules at the last L "
@@ -89,13 +73,12 @@ def validate(cfg: BackboneConfig) -> None:
         )
     for key in ("depths", "widths", "num_heads"):
         _check_list(cfg, key, 4)
-    resnet = cfg.name in RESNET_SIZES
-    wrong = SWIN_ONLY if resnet else RESNET_ONLY
-    for key in wrong:
-        if getattr(cfg, key) is not None:
-            family = "Swin" if resnet else "ResNet"
+    shape_keys = {key for e in BACKBONES.values() for key in e.family.shape_keys}
+    for key in (f.name for f in dataclasses.fields(cfg)):
+        if key in shape_keys - set(family.shape_keys) and getattr(cfg, key) is not None:
+            owners = _family_names(lambda f, key=key: key in f.shape_keys)
             raise ConfigError(
-                f"model.backbone.{key}: applies to {family} backbones only, "
+                f"model.backbone.{key}: applies to {owners} backbones only, "
                 f"not to model.backbone.name {cfg.name!r}"
             )
     if cfg.output_stride not in (8, 32):
@@ -103,9 +86,10 @@ def validate(cfg: BackboneConfig) -> None:
             f"model.backbone.output_stride: expected 8 or 32, got {cfg.output_stride}"
         )
     if cfg.output_stride == 8:
-        if not resnet:
+        if not family.dilatable:
             raise ConfigError(
-                f"model.backbone.output_stride: 8 (dilated) is for ResNets only, not {cfg.name!r}"
+                "model.backbone.output_stride: 8 (dilated) is for "
+                f"{_family_names(lambda f: f.dilatable)}s only, not {cfg.name!r}"
             )
         if cfg.hierarchy_level != 0:
             raise ConfigError(
@@ -117,18 +101,11 @@ def validate(cfg: BackboneConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"model.backbone.{key}: expected a positive integer, got {value}")
-    if not resnet and cfg.num_heads is not None:
-        embed = cfg.embed_dim or SWIN_SIZES[cfg.name]["embed_dim"]
-        for i, heads in enumerate(cfg.num_heads):
-            if (embed * 2**i) % heads:
-                raise ConfigError(
-                    f"model.backbone.num_heads: stage {i} has {embed * 2**i} channels, "
-                    f"not divisible by {heads} heads"
-                )
 
 
 def build_backbone(cfg: BackboneConfig, *, norm_all_features: bool = False) -> Backbone:
-    """The backbone that ``cfg`` describes, with pretrained weights loaded if it names any.
+    """The backbone that ``cfg`` describes (its registry entry's builder), with pretrained
+    weights loaded if it names any.
 
     Arguments:
       cfg: the ``model.backbone`` config.
@@ -137,98 +114,18 @@ def build_backbone(cfg: BackboneConfig, *, norm_all_features: bool = False) -> B
         gets its norm (``norm3``) and the other features are the raw stage outputs.
     """
     validate(cfg)
-    timm_name = cfg.pretrained[len("timm:") :] if cfg.pretrained.startswith("timm:") else ""
-    try:
-        trunk = _create_trunk(cfg, timm_name)
-    except Exception as exc:
-        if not timm_name:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HCFormerError(
-            f"model.backbone.pretrained: {cfg.pretrained!r}: timm could not build or load these "
-            f"weights for {cfg.name!r} ({type(exc).__name__}: {first})"
-        ) from None
-    if cfg.name in RESNET_SIZES:
-        backbone: Backbone = ResNetBackbone(
-            trunk=trunk,
-            hierarchy_level=cfg.hierarchy_level,
-            dcnv2=cfg.dcnv2,
-            cluster_dim=cfg.cluster_dim,
-            scale_init=cfg.scale_init,
-        )
-        convert = resnet_state_from_checkpoint
-        ignorable: tuple[str, ...] = ("fc.",)
-    else:
-        backbone = SwinBackbone(
-            trunk=trunk,
-            hierarchy_level=cfg.hierarchy_level,
-            cluster_dim=cfg.cluster_dim,
-            scale_init=cfg.scale_init,
-            norm_all_features=norm_all_features,
-        )
-
-        def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
-            return swin_state_from_checkpoint(state, backbone)
-
-        ignorable = ("head.", "norm.")  # the classifier and its final norm
-
-    if cfg.pretrained and not timm_name:
+    entry = backbone_entry(cfg.name)
+    backbone = load(entry.family.builder)(cfg, entry, norm_all_features=norm_all_features)
+    if cfg.pretrained and not cfg.pretrained.startswith("timm:"):
         report = load_pretrained(
             backbone,
             cfg.pretrained,
-            convert=convert,
-            new_prefixes=new_parameter_prefixes(backbone),
-            ignorable_prefixes=ignorable,
+            convert=backbone.state_from_checkpoint,
+            new_prefixes=backbone.new_parameter_prefixes(),
+            ignorable_prefixes=backbone.ignorable_prefixes,
         )
         _log_report(cfg.pretrained, report)
     return backbone
-
-
-def _create_trunk(cfg: BackboneConfig, timm_name: str) -> nn.Module:
-    """timm's model for ``cfg`` (the paper's size unless shape keys shrink it); with
-    ``timm_name``, that timm model with its pretrained weights (from the weights folder when
-    it holds them, which needs no network)."""
-    from hcformer.pretrained import local_weights
-
-    local = local_weights(timm_name) if timm_name else None
-    pretrained_file = str(local) if local is not None else None
-    if cfg.name in RESNET_SIZES:
-        size = RESNET_SIZES[cfg.name]
-        return create_resnet_trunk(
-            timm_name or cfg.name,
-            depths=cfg.depths or size["depths"],
-            widths=cfg.widths or size["widths"],
-            stem_width=cfg.stem_width or size["stem_width"],
-            output_stride=cfg.output_stride,
-            drop_path=cfg.drop_path,
-            pretrained=bool(timm_name),
-            pretrained_file=pretrained_file,
-        )
-    size = SWIN_SIZES[cfg.name]
-    return create_swin_trunk(
-        timm_name or size["timm_name"],
-        embed_dim=cfg.embed_dim or size["embed_dim"],
-        depths=cfg.depths or size["depths"],
-        num_heads=cfg.num_heads or size["num_heads"],
-        window_size=cfg.window_size or size["window_size"],
-        drop_path=cfg.drop_path,
-        pretrained=bool(timm_name),
-        pretrained_file=pretrained_file,
-    )
-
-
-def new_parameter_prefixes(backbone: nn.Module) -> list[str]:
-    """Key prefixes of what no ImageNet checkpoint holds: the clustering modules, the DCNs'
-    offset convs and biases, and Swin's output norms (new in Mask2Former's Swin too)."""
-    prefixes = []
-    for name, module in backbone.named_modules():
-        if isinstance(module, ClusteringModule):
-            prefixes.append(f"{name}.")
-        elif isinstance(module, ModulatedDeformConv2d):
-            prefixes += [f"{name}.offset_mask.", f"{name}.bias"]
-        elif isinstance(backbone, SwinBackbone) and re.fullmatch(r"norm\d", name):
-            prefixes.append(f"{name}.")
-    return prefixes
 
 
 def _log_report(path: str, report: LoadReport) -> None:
@@ -244,12 +141,9 @@ def _log_report(path: str, report: LoadReport) -> None:
 
 
 __all__ = [
-    "PAPER_PRETRAINED",
     "Backbone",
     "BackboneOutput",
     "LoadReport",
-    "ResNetBackbone",
-    "SwinBackbone",
     "build_backbone",
     "validate",
 ]

@@ -1,4 +1,5 @@
-"""What every backbone returns, and reading pretrained checkpoints (shared by ResNet and Swin)."""
+"""What every backbone is and returns, creating its timm trunk, and reading pretrained
+checkpoints (shared by every backbone family)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from hcformer.config import BackboneConfig
 from hcformer.errors import HCFormerError
+from hcformer.models.clustering import ClusteringModule
+from hcformer.models.dcn import ModulatedDeformConv2d
+from hcformer.pretrained import TIMM_PREFIX, local_weights
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -40,8 +45,54 @@ class Backbone(nn.Module):
     strides: dict[str, int]
     hierarchy_level: int
 
+    # Checkpoint keys a pretrained file may hold that the backbone does not use (a classifier).
+    ignorable_prefixes: tuple[str, ...] = ()
+
     def forward(self, x: Tensor) -> BackboneOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def state_from_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A pretrained checkpoint's tensors under this backbone's key names."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def new_parameter_prefixes(self) -> list[str]:
+        """Key prefixes of what no ImageNet checkpoint holds: the clustering modules and the
+        DCNs' offset convs and biases."""
+        prefixes = []
+        for name, module in self.named_modules():
+            if isinstance(module, ClusteringModule):
+                prefixes.append(f"{name}.")
+            elif isinstance(module, ModulatedDeformConv2d):
+                prefixes += [f"{name}.offset_mask.", f"{name}.bias"]
+        return prefixes
+
+
+def timm_trunk(
+    cfg: BackboneConfig, create: Callable[..., nn.Module], name: str, **shape
+) -> nn.Module:
+    """``create(name, pretrained=False, pretrained_file=None, **shape)``: a family's timm trunk.
+
+    With ``cfg.pretrained = "timm:<weights>"`` it is created as timm's ``<weights>`` with its
+    pretrained weights, from the weights folder when it holds them (no network needed, see
+    :mod:`hcformer.pretrained`); an error of timm's then names the key and the weights.
+    """
+    weights = cfg.pretrained[len(TIMM_PREFIX) :] if cfg.pretrained.startswith(TIMM_PREFIX) else ""
+    local = local_weights(weights) if weights else None
+    try:
+        return create(
+            weights or name,
+            pretrained=bool(weights),
+            pretrained_file=str(local) if local is not None else None,
+            **shape,
+        )
+    except Exception as exc:
+        if not weights:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HCFormerError(
+            f"model.backbone.pretrained: {cfg.pretrained!r}: timm could not build or load these "
+            f"weights for {cfg.name!r} ({type(exc).__name__}: {first})"
+        ) from None
 
 
 def check_input(x: Tensor, multiple: int = 32) -> None:

@@ -25,6 +25,8 @@ import timm
 from timm.models.resnet import ResNet, downsample_conv
 from torch import Tensor, nn
 
+from hcformer.config import BackboneConfig
+from hcformer.families import BackboneEntry
 from hcformer.models.backbones.common import (
     FEATURE_NAMES,
     Backbone,
@@ -32,6 +34,7 @@ from hcformer.models.backbones.common import (
     check_input,
     rename_keys,
     strip_prefixes,
+    timm_trunk,
 )
 from hcformer.models.clustering import ClusteringModule
 from hcformer.models.dcn import ModulatedDeformConv2d
@@ -40,12 +43,6 @@ from hcformer.models.frozen_bn import FrozenBatchNorm2d
 # Stages whose first block downsamples, in order fine to coarse; a module at the last L of them.
 CLUSTERED_STAGES = ("layer2", "layer3", "layer4")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-# The paper's sizes (torchvision ResNet-50/101).
-RESNET_SIZES = {
-    "resnet50": {"depths": [3, 4, 6, 3], "widths": [64, 128, 256, 512], "stem_width": 64},
-    "resnet101": {"depths": [3, 4, 23, 3], "widths": [64, 128, 256, 512], "stem_width": 64},
-}
 
 
 class ResNetBackbone(Backbone):
@@ -63,6 +60,8 @@ class ResNetBackbone(Backbone):
     ``out_channels`` / ``strides`` map ``res2..res5`` to channels and strides; ``clustering``
     holds the modules by stage name (``layer2``...).
     """
+
+    ignorable_prefixes = ("fc.",)  # the classifier
 
     def __init__(
         self,
@@ -125,6 +124,9 @@ class ResNetBackbone(Backbone):
                 x = block(x)
             features[feature] = x
         return BackboneOutput(features=features, assignments=assignments, cluster_scales=scales)
+
+    def state_from_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return resnet_state_from_checkpoint(state)
 
 
 def _narrow_stem(trunk: ResNet, stem_width: int) -> list[nn.Module]:
@@ -221,9 +223,36 @@ def resnet_state_from_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+def build_resnet(
+    cfg: BackboneConfig, entry: BackboneEntry, *, norm_all_features: bool = False
+) -> ResNetBackbone:
+    """The ResNet of ``cfg`` (the builder of the ResNet family's registry entries): the entry's
+    paper size unless the shape keys shrink it; ``norm_all_features`` is for Swin (ResNets have
+    no output norms)."""
+    del norm_all_features
+    shape = entry.shape(cfg)
+    trunk = timm_trunk(
+        cfg,
+        create_resnet_trunk,
+        entry.timm_model,
+        depths=shape["depths"],
+        widths=shape["widths"],
+        stem_width=shape["stem_width"],
+        output_stride=cfg.output_stride,
+        drop_path=cfg.drop_path,
+    )
+    return ResNetBackbone(
+        trunk=trunk,
+        hierarchy_level=cfg.hierarchy_level,
+        dcnv2=cfg.dcnv2,
+        cluster_dim=cfg.cluster_dim,
+        scale_init=cfg.scale_init,
+    )
+
+
 __all__ = [
-    "RESNET_SIZES",
     "ResNetBackbone",
+    "build_resnet",
     "create_resnet_trunk",
     "resnet_state_from_checkpoint",
 ]

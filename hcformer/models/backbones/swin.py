@@ -23,37 +23,29 @@ timm do the rest, so the windows are Mask2Former's.
 
 from __future__ import annotations
 
+import re
+
 import timm
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    checkpoint_filter_fn,
+)
 from torch import Tensor, nn
 
+from hcformer.config import BackboneConfig
+from hcformer.errors import ConfigError
+from hcformer.families import BackboneEntry
 from hcformer.models.backbones.common import (
     FEATURE_NAMES,
     Backbone,
     BackboneOutput,
     check_input,
     strip_prefixes,
+    timm_trunk,
 )
 from hcformer.models.clustering import ClusteringModule
-
-# The paper's sizes, as the authors' configs set them (their configs/*/*/swin/*.yaml).
-SWIN_SIZES = {
-    "swin_s": {
-        "timm_name": "swin_small_patch4_window7_224",
-        "embed_dim": 96,
-        "depths": [2, 2, 18, 2],
-        "num_heads": [3, 6, 12, 24],
-        "window_size": 7,
-    },
-    "swin_l": {
-        "timm_name": "swin_large_patch4_window12_384",
-        "embed_dim": 192,
-        "depths": [2, 2, 18, 2],
-        "num_heads": [6, 12, 24, 48],
-        "window_size": 12,
-    },
-}
 
 
 class PaddedWindowBlock(SwinTransformerBlock):
@@ -89,6 +81,8 @@ class SwinBackbone(Backbone):
     ``clustering`` holds the modules by the stage whose patch merging they sit at
     (``stage1``..``stage3``).
     """
+
+    ignorable_prefixes = ("head.", "norm.")  # the classifier and its final norm
 
     def __init__(
         self,
@@ -127,6 +121,14 @@ class SwinBackbone(Backbone):
                     cluster_dim=cluster_dim,
                     scale_init=scale_init,
                 )
+
+    def state_from_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return swin_state_from_checkpoint(state, self)
+
+    def new_parameter_prefixes(self) -> list[str]:
+        """The clustering modules and the output norms (new in Mask2Former's Swin too)."""
+        norms = [f"{name}." for name, _ in self.named_children() if re.fullmatch(r"norm\d", name)]
+        return super().new_parameter_prefixes() + norms
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters trained without weight decay, as Mask2Former's optimizer: the
@@ -192,7 +194,36 @@ def create_swin_trunk(
 def swin_state_from_checkpoint(state: dict[str, Tensor], backbone: nn.Module) -> dict[str, Tensor]:
     """Map a Swin checkpoint (timm layout, or the original/Mask2Former layout where the patch
     merging ends a stage) to this backbone's names, with timm's own converter."""
-    from timm.models.swin_transformer import checkpoint_filter_fn
-
     state = strip_prefixes(state, ("module.", "backbone."))
     return checkpoint_filter_fn(state, backbone)
+
+
+def build_swin(
+    cfg: BackboneConfig, entry: BackboneEntry, *, norm_all_features: bool = False
+) -> SwinBackbone:
+    """The Swin of ``cfg`` (the builder of the Swin family's registry entries): the entry's
+    paper size unless the shape keys shrink it; ``norm_all_features`` also norms res2..res4."""
+    shape = entry.shape(cfg)
+    for i, heads in enumerate(cfg.num_heads or ()):  # the paper sizes divide
+        if (shape["embed_dim"] * 2**i) % heads:
+            raise ConfigError(
+                f"model.backbone.num_heads: stage {i} has {shape['embed_dim'] * 2**i} channels, "
+                f"not divisible by {heads} heads"
+            )
+    trunk = timm_trunk(
+        cfg,
+        create_swin_trunk,
+        entry.timm_model,
+        embed_dim=shape["embed_dim"],
+        depths=shape["depths"],
+        num_heads=shape["num_heads"],
+        window_size=shape["window_size"],
+        drop_path=cfg.drop_path,
+    )
+    return SwinBackbone(
+        trunk=trunk,
+        hierarchy_level=cfg.hierarchy_level,
+        cluster_dim=cfg.cluster_dim,
+        scale_init=cfg.scale_init,
+        norm_all_features=norm_all_features,
+    )
