@@ -27,7 +27,7 @@ from hcformer import cli
 from hcformer.errors import HCFormerError
 from hcformer.launch.executors import SlurmOptions
 from hcformer.launch.job import RunJob, RunSpec
-from hcformer.launch.runfolder import RunLock, RunLockedError, read_job
+from hcformer.runfolder import read_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,13 +140,6 @@ def test_a_live_lock_stops_a_second_run(engine, tmp_path, capsys):
     assert (run / "metrics.json").exists() and not (run / ".lock").exists()
 
 
-def test_lock_is_exclusive_between_two_holders(tmp_path):
-    with RunLock(tmp_path / "run"), pytest.raises(RunLockedError, match="locked by pid"):
-        RunLock(tmp_path / "run").acquire()
-    with RunLock(tmp_path / "run") as again:
-        assert again.took_over is None
-
-
 def test_rerun_reattaches_to_the_live_job(engine, tmp_path):
     """The waiting process dies; its job lives on; a rerun waits on that job, never resubmits."""
     results = tmp_path / "results"
@@ -224,7 +217,8 @@ def test_slurm_options_take_the_experiments_resources():
 def test_the_waiting_process_imports_no_torch():
     code = (
         "import sys\n"
-        "from hcformer.launch import run, executors, job, runfolder\n"
+        "from hcformer.launch import run, executors, job\n"
+        "import hcformer.runfolder\n"
         "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, 'heavy import'\n"
         # VmHWM: this process's own peak. ru_maxrss would also count the forked copy of the
         # (torch-laden) pytest process that existed before exec.

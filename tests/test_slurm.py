@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hcformer.launch.runfolder import read_job, slurm_job_state
+from hcformer.runfolder import read_job, slurm_job_state
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from hcformer import cli
-from hcformer.analysis import status
 from hcformer.experiments import load_tables
 
 SEEDS = (0, 1, 2)
@@ -211,13 +210,6 @@ def test_slurm_is_asked_about_recorded_jobs(tmp_path, monkeypatch, capsys):
     assert "SLURM job 4343 CANCELLED" in by_exp[exps[1]]["reason"]
     asked = calls.read_text().splitlines()
     assert any("4242,4343" in line for line in asked)  # one squeue call for all recorded ids
-
-
-def test_last_line_reads_only_the_end_of_a_big_log(tmp_path):
-    log = tmp_path / "big.log"
-    log.write_text("x" * 1_000_000 + "\nthe end\n\n")
-    assert status.last_line(log) == "the end"
-    assert status.last_line(tmp_path / "absent.log") == ""
 
 
 def test_nothing_started_and_an_unknown_table(tmp_path, capsys):

@@ -19,8 +19,8 @@ Outputs:
   has finished (:mod:`hcformer.analysis.snapshot`).
 
 A run is done, running, failed or missing as ``hcformer status`` says
-(:func:`hcformer.analysis.status.run_state`, one scheduler query for all pending SLURM jobs).
-Missing runs are marked, never dropped.
+(:func:`hcformer.runfolder.run_state`, one scheduler query for all pending SLURM jobs; a run
+not started is ``missing`` here). Missing runs are marked, never dropped.
 """
 
 from __future__ import annotations
@@ -34,9 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hcformer.analysis.status import run_state, slurm_states
 from hcformer.errors import HCFormerError
 from hcformer.experiments import scales
+from hcformer.runfolder import (
+    JOB,
+    METRICS,
+    RUN_INFO,
+    RunState,
+    pending_slurm_jobs,
+    read_json,
+    run_dir,
+    run_state,
+    slurm_states,
+)
 
 PROFILE_COLUMNS = ("params_m", "gflops", "latency_ms")
 SETTING_COLUMNS = ("crop", "hierarchy_level", "decoder_layers", "dcnv2", "queries")
@@ -98,13 +108,8 @@ class RunRecord:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError as exc:
-        raise HCFormerError(f"{path}: not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}
+    """A finished file's JSON mapping (``{}`` when absent; invalid JSON is an error)."""
+    return read_json(path, strict=True) or {}
 
 
 def _numbers(data: dict[str, Any]) -> dict[str, float]:
@@ -113,10 +118,6 @@ def _numbers(data: dict[str, Any]) -> dict[str, float]:
         for k, v in data.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     }
-
-
-# hcformer status's states -> a record's.
-RUN_STATES = {"done": "done", "running": "running", "failed": "failed", "not_started": "missing"}
 
 
 def read_run(
@@ -130,18 +131,18 @@ def read_run(
     ``running`` (a live job owns the folder), ``failed`` (no live job: ``job.json`` says failed,
     an error marker, or a job gone without ``metrics.json``) or ``missing`` (no folder), as
     ``hcformer status`` decides; ``slurm``: the states of the recorded SLURM jobs
-    (:func:`hcformer.analysis.status.slurm_states`)."""
-    run_dir = Path(results) / "runs" / experiment / f"seed{seed}"
+    (:func:`hcformer.runfolder.slurm_states`)."""
+    folder = run_dir(results, experiment, seed)
     state = run_state(Path(results), experiment, seed, slurm or {}, slurm_asked)
-    status = RUN_STATES[state.state]
-    job = _read_json(run_dir / "job.json") if status != "missing" else {}
-    info = _read_json(run_dir / "run.json") if status != "missing" else {}
-    metrics = _numbers(_read_json(run_dir / "metrics.json")) if status == "done" else {}
+    status = RunState(state.state).table_word
+    job = _read_json(folder / JOB) if status != "missing" else {}
+    info = _read_json(folder / RUN_INFO) if status != "missing" else {}
+    metrics = _numbers(_read_json(folder / METRICS)) if status == "done" else {}
     commit = str(info.get("git_commit") or job.get("git_commit") or "")
     return RunRecord(
         experiment=experiment,
         seed=seed,
-        run_dir=run_dir,
+        run_dir=folder,
         status=status,
         metrics=metrics,
         git_commit=commit,
@@ -150,23 +151,6 @@ def read_run(
         reason=state.reason,
         log=state.log,
     )
-
-
-def pending_slurm_jobs(results: Path, experiments: list[str], seeds: list[int]) -> list[str]:
-    """The SLURM job ids recorded in the folders of the runs that have no ``metrics.json``."""
-    ids = []
-    for experiment in experiments:
-        for seed in seeds:
-            run_dir = Path(results) / "runs" / experiment / f"seed{seed}"
-            if (run_dir / "metrics.json").is_file() or not run_dir.is_dir():
-                continue
-            try:
-                job = json.loads((run_dir / "job.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(job, dict) and job.get("launcher") == "slurm" and job.get("job_id"):
-                ids.append(str(job["job_id"]))
-    return ids
 
 
 def mlflow_run_ids(uri: str, scale: str, datasets: set[str]) -> dict[str, str]:

@@ -30,8 +30,9 @@ from hcformer.analysis.aggregate import (
     write_cells,
     write_runs,
 )
+from hcformer.runfolder import RunState
 
-RUN_STATES = ("done", "running", "failed", "missing")
+RUN_STATES = tuple(state.table_word for state in RunState)  # done, running, failed, missing
 
 
 @dataclass
@@ -155,7 +156,7 @@ def build(
                 f"{results / 'tables' / (table.id + '.tex')}",
             }
             _write(out / "provenance" / f"{table.id}.json", json.dumps(prov, indent=1) + "\n")
-            if table.id in figures.ABLATIONS:
+            if table.figure:
                 attempt(
                     f"{table.id} figure",
                     lambda: figures.draw(cells, table.title, scale, out / "figures" / table.id),

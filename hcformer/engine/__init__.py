@@ -8,7 +8,8 @@
 - :mod:`~hcformer.engine.benchmark`: ``hcformer benchmark-train``;
 - :mod:`~hcformer.engine.checkpoint`, :mod:`~hcformer.engine.randomness`,
   :mod:`~hcformer.engine.distributed`, :mod:`~hcformer.engine.optim`,
-  :mod:`~hcformer.engine.predictions`, :mod:`~hcformer.engine.runinfo` (the run folder's files).
+  :mod:`~hcformer.engine.predictions`, :mod:`~hcformer.engine.runinfo` (the config and run info
+  of a run folder; the folder itself: :mod:`hcformer.runfolder`).
 
 Submodules import torch; this package itself imports nothing heavy.
 """

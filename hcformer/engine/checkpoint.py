@@ -18,9 +18,7 @@ from typing import Any
 import torch
 
 from hcformer.errors import HCFormerError
-
-LAST = "last.pt"
-PREV = "prev.pt"
+from hcformer.runfolder import LAST_CHECKPOINT, PREV_CHECKPOINT
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,10 +92,10 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | Path) -> Path:
     ``last.pt`` and ``prev.pt`` as they were."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    last, prev = ckpt_dir / LAST, ckpt_dir / PREV
+    last, prev = ckpt_dir / LAST_CHECKPOINT, ckpt_dir / PREV_CHECKPOINT
     tmp = _write_temporary(state, last)
     if last.exists():
-        link = ckpt_dir / f".{PREV}.tmp{os.getpid()}"
+        link = ckpt_dir / f".{PREV_CHECKPOINT}.tmp{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
         os.link(last, link)
@@ -122,7 +120,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """``last.pt`` if present, else ``prev.pt`` (a crash between two renames), else None."""
-    for name in (LAST, PREV):
+    for name in (LAST_CHECKPOINT, PREV_CHECKPOINT):
         path = Path(ckpt_dir) / name
         if path.is_file():
             return path

@@ -56,9 +56,7 @@ import numpy as np
 
 from hcformer.errors import HCFormerError
 from hcformer.families import head_entry
-
-VISUAL = "visual"
-PREDICTIONS = "predictions"
+from hcformer.runfolder import PREDICTIONS, VISUAL
 
 
 def gt_regions(dataset: Any, index: int, record: Any) -> np.ndarray:
@@ -94,8 +92,8 @@ class Evaluator:
     def load_model(self):
 
         from hcformer.engine.checkpoint import load_checkpoint
-        from hcformer.engine.runinfo import FINAL_WEIGHTS
         from hcformer.models import build_model
+        from hcformer.runfolder import FINAL_WEIGHTS
 
         path = self.run_dir / FINAL_WEIGHTS
         if not path.is_file():
@@ -130,10 +128,11 @@ class Evaluator:
         from hcformer.data import build_dataset, collate, test_transform
         from hcformer.engine.batches import eval_pad_value
         from hcformer.engine.predictions import InstanceWriter, PanopticWriter, SemanticWriter
-        from hcformer.engine.runinfo import METRICS, check_num_classes, write_json_atomic
+        from hcformer.engine.runinfo import check_num_classes
         from hcformer.evaluation import undersegmentation_error
         from hcformer.models import postprocess as pp
         from hcformer.ops import hard_clusters
+        from hcformer.runfolder import METRICS, write_json_atomic
 
         started = time.perf_counter()
         cfg, test = self.cfg, self.cfg.test
@@ -341,7 +340,7 @@ def evaluate(run_dir: str | Path, *, device: str | None = None, inference=None) 
     """Evaluate a run folder; returns the metrics also written to ``metrics.json``. Mirrors
     them to MLflow (the run folder's MLflow run ends FINISHED)."""
     from hcformer.config import to_dict
-    from hcformer.engine.runinfo import CONFIG, METRICS
+    from hcformer.runfolder import CONFIG, METRICS
 
     evaluator = Evaluator(Path(run_dir), device=device, inference=inference)
     metrics = evaluator.run()

@@ -1,18 +1,13 @@
-"""The engine's files in a run folder (docs/interfaces.md, "The run folder").
+"""The engine's side of a run folder: the resolved config and who the run is.
 
-- ``config.yaml``: the fully resolved config (written once; a rerun with another config fails);
-- ``run.json``: who the run is: ``exp_id``, ``seed``, ``scale``, ``dataset``, ``git_commit``,
-  ``tables`` (``{table_id: row label}`` of the paper rows it feeds) — MLflow's tags;
-- ``checkpoints/last.pt`` and ``prev.pt``; ``model_final.pt`` (the weights after the last
-  iteration; its presence means training is complete); ``train_log.jsonl``;
-- ``predictions/``, ``visual/``, ``metrics.json`` (written by ``hcformer evaluate``, last).
+``config.yaml`` (the fully resolved config, written once; a rerun with another config fails) and
+``run.json`` (``exp_id``, ``seed``, ``scale``, ``dataset``, ``git_commit``, ``tables``: the
+``{table_id: row label}`` of the paper rows it feeds; MLflow's tags). The names of every file of
+a run folder and how they are written: :mod:`hcformer.runfolder`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,43 +15,7 @@ import yaml
 
 from hcformer.config import Config, build_config, flatten, to_dict
 from hcformer.errors import ConfigError, HCFormerError
-
-CONFIG = "config.yaml"
-RUN_INFO = "run.json"
-CHECKPOINTS = "checkpoints"
-FINAL_WEIGHTS = "model_final.pt"
-TRAIN_LOG = "train_log.jsonl"
-METRICS = "metrics.json"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def git_commit() -> str:
-    """The commit of the code that runs (``unknown`` outside a git checkout)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+from hcformer.runfolder import CONFIG, RUN_INFO, read_json, write_json_atomic, write_text_atomic
 
 
 def write_run_files(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
@@ -91,8 +50,7 @@ def read_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
         cfg = build_config(yaml.safe_load(path.read_text()) or {})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    info_path = run_dir / RUN_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_json(run_dir / RUN_INFO, strict=True) or {}
     info.setdefault("dataset", cfg.data.dataset)
     return cfg, info
 

@@ -94,7 +94,7 @@ def run_config(
     overrides: list[str],
 ) -> tuple[Config, dict[str, Any]]:
     """The resolved config and the run info (``run.json``) of an experiment or a config file."""
-    from hcformer.engine.runinfo import git_commit
+    from hcformer.runfolder import git_commit
 
     if not experiment and not config_file:
         raise ConfigError("give --experiment ID or --config FILE")
@@ -229,7 +229,7 @@ class Trainer:
 
     def resume(self) -> None:
         from hcformer.engine.checkpoint import PREV, latest_checkpoint, load_checkpoint
-        from hcformer.engine.runinfo import CHECKPOINTS
+        from hcformer.runfolder import CHECKPOINTS
 
         path = latest_checkpoint(self.run_dir / CHECKPOINTS)
         if path is None:
@@ -269,7 +269,7 @@ class Trainer:
         """Write ``last.pt`` of the last completed iteration (main process only)."""
         from hcformer.engine import signals
         from hcformer.engine.checkpoint import save_checkpoint
-        from hcformer.engine.runinfo import CHECKPOINTS
+        from hcformer.runfolder import CHECKPOINTS
 
         if not self.dist.is_main:
             return None
@@ -391,7 +391,7 @@ class Trainer:
         if not bad:
             return
         from hcformer.engine.checkpoint import latest_checkpoint
-        from hcformer.engine.runinfo import CHECKPOINTS
+        from hcformer.runfolder import CHECKPOINTS
 
         terms = [k for k in sorted(bad) if k != "loss"] or sorted(bad)
         shown = ", ".join(f"{k} = {bad[k]}" for k in terms)
@@ -432,7 +432,7 @@ class Trainer:
         from hcformer.engine import signals
         from hcformer.engine.batches import iterate
         from hcformer.engine.checkpoint import atomic_torch_save
-        from hcformer.engine.runinfo import FINAL_WEIGHTS
+        from hcformer.runfolder import FINAL_WEIGHTS
 
         solver = self.cfg.solver
         total = solver.iterations
@@ -593,7 +593,7 @@ class TrainLog:
     resumed iteration (written after the last checkpoint) are dropped so the log replays too."""
 
     def __init__(self, run_dir: Path, resumed_at: int) -> None:
-        from hcformer.engine.runinfo import TRAIN_LOG, write_text_atomic
+        from hcformer.runfolder import TRAIN_LOG, write_text_atomic
 
         self.path = Path(run_dir) / TRAIN_LOG
         if self.path.is_file():
@@ -731,7 +731,8 @@ def train(
 ) -> TrainResult:
     """Train (or resume) ``cfg`` into ``run_dir``; see the module docstring."""
     from hcformer.engine import signals
-    from hcformer.engine.runinfo import FINAL_WEIGHTS, RUN_INFO, write_run_files
+    from hcformer.engine.runinfo import write_run_files
+    from hcformer.runfolder import FINAL_WEIGHTS, RUN_INFO
 
     run_dir = Path(run_dir)
     if cfg.tracking.enabled:  # before anything is written or loaded: refused in a second

@@ -5,7 +5,10 @@
   checkpointable callable);
 - :mod:`hcformer.launch.executors`: submitit's ``slurm`` and ``local`` executors, SLURM options,
   waiting on a job;
-- :mod:`hcformer.launch.runfolder`: ``job.json`` and the run-folder lock.
+- :mod:`hcformer.launch.campaign`, :mod:`hcformer.launch.scheduler`: restarting the campaign, one
+  ``squeue`` for every waiting run.
+
+They read and write run folders (``job.json``, the lock) through :mod:`hcformer.runfolder`.
 
 Nothing here imports torch: the process that submits and waits stays small.
 """

@@ -38,12 +38,7 @@ import time
 from pathlib import Path
 
 from hcformer.errors import HCFormerError
-from hcformer.launch.runfolder import (
-    METRICS_FILE,
-    pid_alive,
-    read_json,
-    write_json_atomic,
-)
+from hcformer.runfolder import METRICS, pid_alive, read_json, write_json_atomic
 
 RECORD = "hcformer-campaign.json"
 
@@ -135,7 +130,7 @@ def marked_runs(workdir: Path) -> list[str]:
         if not marker.is_file() or marker.name == "migration_underway":
             continue
         output = _decode_marker(marker, root)
-        if output and Path(output).name == METRICS_FILE:
+        if output and Path(output).name == METRICS:
             found.append(output)
     return found
 

@@ -23,8 +23,8 @@ import submitit
 from submitit.core.utils import FailedJobError, JobPaths, pickle_load
 
 from hcformer.errors import ConfigError, HCFormerError
-from hcformer.launch.runfolder import FINISHED_STATES, job_alive, pid_alive, slurm_job_state
 from hcformer.launch.scheduler import NODE_FAILURES, SlurmQueue
+from hcformer.runfolder import FINISHED_STATES, job_alive, pid_alive, slurm_job_state
 
 # sbatch refusals worth retrying after a pause: a per-user or per-account submit limit, a busy or
 # unreachable controller. Anything else (a wrong partition or account) fails at once.

@@ -30,7 +30,7 @@ from typing import Any
 import submitit
 
 from hcformer.errors import HCFormerError
-from hcformer.launch.runfolder import METRICS_FILE, keep_metrics, read_json, update_job
+from hcformer.runfolder import METRICS, keep_metrics, read_job, update_job
 
 HEARTBEAT_EVERY_S = 30.0
 SAVE_TIMEOUT_S = 60.0  # at most this long for the engine to save after a preemption signal
@@ -96,7 +96,7 @@ def run_one(spec: RunSpec, *, stopping: threading.Event | None = None) -> str:
     from ``last.pt`` (the engine's job) and a folder that already has metrics is left alone.
     """
     run_dir = Path(spec.run_dir)
-    if (run_dir / METRICS_FILE).exists():
+    if (run_dir / METRICS).exists():
         return "skipped"
     rank0 = _rank() == 0
     beat = threading.Event()
@@ -122,8 +122,8 @@ def run_one(spec: RunSpec, *, stopping: threading.Event | None = None) -> str:
             code = int(evaluate.main(["--run-dir", str(run_dir)]) or 0)
             if code != 0:
                 raise JobFailed(f"{spec.label}: hcformer evaluate exited with status {code}")
-            if not (run_dir / METRICS_FILE).exists():
-                raise JobFailed(f"{spec.label}: evaluation wrote no {run_dir / METRICS_FILE}")
+            if not (run_dir / METRICS).exists():
+                raise JobFailed(f"{spec.label}: evaluation wrote no {run_dir / METRICS}")
             keep_metrics(run_dir)
     except BaseException:
         if rank0 and not (stopping is not None and stopping.is_set()):
@@ -196,7 +196,7 @@ class RunJob(submitit.helpers.Checkpointable):
         if self._worker is not None and self._worker.is_alive():
             self._worker.join(SAVE_TIMEOUT_S)
         for spec in self.specs:
-            if read_json(Path(spec.run_dir) / "job.json") is not None and _rank() == 0:
+            if read_job(spec.run_dir) is not None and _rank() == 0:
                 with contextlib.suppress(OSError):
                     update_job(Path(spec.run_dir), state="requeued", heartbeat=time.time())
         return submitit.helpers.DelayedSubmission(RunJob(self.specs, threaded=self.threaded))

@@ -28,8 +28,9 @@ from typing import Any
 
 from hcformer.errors import ConfigError
 from hcformer.experiments import scales
-from hcformer.launch.runfolder import (
-    METRICS_FILE,
+from hcformer.runfolder import (
+    JOBS,
+    METRICS,
     RunLockedError,
     append_job,
     git_commit,
@@ -37,16 +38,12 @@ from hcformer.launch.runfolder import (
     log_tail,
     read_job,
     restore_metrics,
+    run_dir,
     update_job,
 )
 
 LAUNCHERS = ("slurm", "local", "inline")
 RESULT_GRACE_S = 30.0  # wait this long for a finished job's files to appear
-
-
-def run_dir_for(results: Path, experiment: str, seed: int) -> Path:
-    """``<results>/runs/<exp_id>/seed<k>`` (``results`` is a scale's root, e.g. results/smoke)."""
-    return Path(results) / "runs" / experiment / f"seed{seed}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,15 +163,13 @@ def _specs(args: argparse.Namespace) -> list[Any]:
         raise ConfigError("--config needs --run-dir (a config of one's own has no experiment id)")
     specs = []
     for seed in seeds:
-        run_dir = (
-            Path(args.run_dir) if args.run_dir else run_dir_for(args.results, experiment, seed)
-        )
+        folder = Path(args.run_dir) if args.run_dir else run_dir(args.results, experiment, seed)
         specs.append(
             RunSpec(
                 experiment=experiment,
                 scale=args.scale,
                 seed=seed,
-                run_dir=str(run_dir),
+                run_dir=str(folder),
                 overrides=list(args.overrides),
                 config=args.config or "",
                 engine=args.engine,
@@ -217,7 +212,7 @@ def _submit(args: argparse.Namespace, spec: Any, slurm: Any, queue: Any, commit:
     from hcformer.launch.job import RunJob
 
     run_dir = Path(spec.run_dir)
-    folder = run_dir / "jobs"
+    folder = run_dir / JOBS
 
     def once() -> Any:
         name = f"hc-{spec.label}-{uuid.uuid4().hex[:8]}"
@@ -284,7 +279,7 @@ def _run_submitted(
             print(
                 f"hcformer run: {spec.label}: re-attached to job {handle.job_id}", file=sys.stderr
             )
-        elif restore_metrics(run_dir) or (run_dir / METRICS_FILE).exists():
+        elif restore_metrics(run_dir) or (run_dir / METRICS).exists():
             # The recorded job (read above) ended since metrics.json was looked for: done.
             print(f"hcformer run: {spec.label}: up to date ({run_dir})", file=sys.stderr)
             continue
@@ -303,7 +298,7 @@ def _run_submitted(
             if not run.handle.done():
                 still.append(run)
                 continue
-            if (Path(run.spec.run_dir) / METRICS_FILE).exists() or not run.handle.node_failed():
+            if (Path(run.spec.run_dir) / METRICS).exists() or not run.handle.node_failed():
                 continue
             if run.resubmits >= args.node_fail_attempts:
                 continue
@@ -333,11 +328,11 @@ def _run_submitted(
         # SLURM says failed, was cancelled or lost its node wrote none: no wait).
         late = handle.last_state in ("", "COMPLETED")
         deadline = time.time() + (RESULT_GRACE_S if late else 0.0)
-        while not (run_dir / METRICS_FILE).exists() and time.time() < deadline:
+        while not (run_dir / METRICS).exists() and time.time() < deadline:
             if handle.paths.result_pickle.exists():
                 break
             time.sleep(1.0)
-        if (run_dir / METRICS_FILE).exists():
+        if (run_dir / METRICS).exists():
             # The job records ``done`` itself; one that found the run done already does not.
             update_job(run_dir, state="done", state_from=("submitting", "submitted", "running"))
             continue
@@ -369,7 +364,7 @@ def main(argv: list[str]) -> int:
                 "been deleted, e.g. by Snakemake redoing an output it marked incomplete)",
                 file=sys.stderr,
             )
-    todo = [s for s in specs if not (Path(s.run_dir) / METRICS_FILE).exists()]
+    todo = [s for s in specs if not (Path(s.run_dir) / METRICS).exists()]
     for spec in specs:
         if spec not in todo:
             print(f"hcformer run: {spec.label}: up to date ({spec.run_dir})", file=sys.stderr)
@@ -378,7 +373,7 @@ def main(argv: list[str]) -> int:
     commit = git_commit()
     waiting = False
     while True:
-        todo = [s for s in todo if not (Path(s.run_dir) / METRICS_FILE).exists()]
+        todo = [s for s in todo if not (Path(s.run_dir) / METRICS).exists()]
         if not todo:
             print("hcformer run: the live holder finished the runs; up to date", file=sys.stderr)
             return 0

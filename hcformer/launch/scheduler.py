@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hcformer.launch.runfolder import FINISHED_STATES, read_json, write_json_atomic
+from hcformer.runfolder import FINISHED_STATES, read_json, results_root, write_json_atomic
 
 CACHE_DIR = ".scheduler"
 CACHE_FILE = "squeue.json"
@@ -78,8 +78,7 @@ class SlurmQueue:
     def for_run_dir(cls, run_dir: Path, interval_s: float = 30.0) -> SlurmQueue:
         """The queue shared by a results root: ``<results>/.scheduler`` for a run folder
         ``<results>/runs/<dataset>/<name>/seed<k>``, else the run folder's own."""
-        run_dir = Path(run_dir).resolve()
-        root = next((p.parent for p in run_dir.parents if p.name == "runs"), run_dir)
+        root = results_root(run_dir) or Path(run_dir).resolve()
         return cls(root / CACHE_DIR, interval_s)
 
     def _fresh(self, data: dict[str, Any] | None, now: float) -> bool:

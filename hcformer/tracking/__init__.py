@@ -15,7 +15,6 @@ from hcformer.tracking.store import (
     results_root,
 )
 from hcformer.tracking.tracker import (
-    RUN_INFO,
     RunTracker,
     check_live,
     experiment_name,
@@ -27,7 +26,6 @@ from hcformer.tracking.tracker import (
 )
 
 __all__ = [
-    "RUN_INFO",
     "RunTracker",
     "check_live",
     "check_live_store",

@@ -24,6 +24,7 @@ import os
 import re
 from pathlib import Path
 
+from hcformer import runfolder
 from hcformer.errors import ConfigError
 
 # Fail fast when a tracking server is unreachable: the run folder is the source of truth.
@@ -33,11 +34,8 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TI
 def results_root(run_dir: str | Path, scale: str) -> Path:
     """The scale's results root of a run folder: the parent of its ``runs/`` ancestor, else
     ``results/<scale>`` under the working directory."""
-    run_dir = Path(run_dir).resolve()
-    for parent in run_dir.parents:
-        if parent.name == "runs":
-            return parent.parent
-    return Path.cwd().resolve() / "results" / scale
+    root = runfolder.results_root(run_dir)
+    return root if root is not None else Path.cwd().resolve() / "results" / scale
 
 
 def default_uri(root: str | Path) -> str:

@@ -34,49 +34,34 @@ from typing import Any
 import yaml
 
 from hcformer.errors import HCFormerError
+from hcformer.runfolder import (
+    CHECKPOINTS,
+    CONFIG,
+    ERROR_MARKERS,
+    JOB,
+    METRICS,
+    TRAIN_LOG,
+    read_job,
+    read_json,
+    run_info,
+)
 from hcformer.tracking import store
-from hcformer.tracking.tracker import RUN_INFO, RunTracker
-
-ERROR_MARKERS = ("error.txt", "FAILED")
-
+from hcformer.tracking.tracker import RunTracker
 
 # Folders that hold copies of a run's files, not runs: checkpoints, and the artefact stores
 # MLflow keeps beside its database (a copy of config.yaml is logged with every run).
-_NOT_RUNS = {"checkpoints", "mlartifacts", "mlruns"}
+_NOT_RUNS = {CHECKPOINTS, "mlartifacts", "mlruns"}
 
 
 def run_folders(results: Path) -> Iterator[Path]:
     """Every run folder under ``results``: one that holds a ``config.yaml`` (sorted)."""
-    for config in sorted(results.rglob("config.yaml")):
+    for config in sorted(results.rglob(CONFIG)):
         if _NOT_RUNS.isdisjoint(config.relative_to(results).parts):
             yield config.parent
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def run_info(run_dir: Path) -> dict[str, Any]:
-    """``run.json`` of a folder, or what its path says (``.../<scale>/runs/<exp_id>/seed<k>``)."""
-    info = _read_json(run_dir / RUN_INFO) or {}
-    parts = run_dir.resolve().parts
-    if "runs" in parts:
-        i = len(parts) - 1 - parts[::-1].index("runs")
-        info.setdefault("scale", parts[i - 1] if i > 0 else "unknown")
-        info.setdefault("exp_id", "/".join(parts[i + 1 : -1]))
-    name = run_dir.name
-    info.setdefault("seed", int(name[4:]) if name.startswith("seed") and name[4:].isdigit() else 0)
-    info.setdefault("scale", "unknown")
-    info.setdefault("exp_id", name)
-    return info
-
-
 def failed(run_dir: Path) -> bool:
-    job = _read_json(run_dir / "job.json") or {}
+    job = read_job(run_dir) or {}
     return job.get("state") == "failed" or any((run_dir / m).exists() for m in ERROR_MARKERS)
 
 
@@ -88,7 +73,7 @@ _NOT_METRICS = {"iteration", "timestamp"}
 def train_log(run_dir: Path) -> Iterator[tuple[int, dict[str, float], float | None]]:
     """``(iteration, metrics, timestamp or None)`` of each line of ``train_log.jsonl``: the
     training losses and learning rate, and the periodic validation scores."""
-    path = run_dir / "train_log.jsonl"
+    path = run_dir / TRAIN_LOG
     if not path.is_file():
         return
     for line in path.read_text().splitlines():
@@ -125,15 +110,15 @@ def start_time(run_dir: Path, info: dict[str, Any]) -> float | None:
         if stamp is not None:  # the first line: its stamp less the training time before it
             return stamp - float(values.get("time", 0.0))
         break
-    return _mtime(run_dir / "config.yaml")
+    return _mtime(run_dir / CONFIG)
 
 
 def end_time(run_dir: Path, finished: bool) -> float | None:
     """When the run ended: its evaluation wrote ``metrics.json`` (written last), or a failed
     run's latest log, job or error file."""
     if finished:
-        return _mtime(run_dir / "metrics.json")
-    names = ("train_log.jsonl", "job.json", *ERROR_MARKERS)
+        return _mtime(run_dir / METRICS)
+    names = (TRAIN_LOG, JOB, *ERROR_MARKERS)
     times = [t for t in (_mtime(run_dir / n) for n in names) if t is not None]
     return max(times, default=None)
 
@@ -159,13 +144,13 @@ def final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def sync_folder(run_dir: Path, uri: str) -> str:
     """Bring one folder's MLflow run up to date: ``created``, ``completed``, ``failed``,
     ``present`` (nothing to do) or ``skipped`` (not finished, not failed)."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    config = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
     info = run_info(run_dir)
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = read_json(run_dir / METRICS)
     is_failed = metrics is None and failed(run_dir)
     if metrics is None and not is_failed:
         return "skipped"
-    info.setdefault("user", file_owner(run_dir / "config.yaml"))
+    info.setdefault("user", file_owner(run_dir / CONFIG))
     started = start_time(run_dir, info)
     if started is not None:
         info["started_at"] = started
@@ -188,7 +173,7 @@ def sync_folder(run_dir: Path, uri: str) -> str:
         tracker.end("FAILED", ended)
         return "failed"
     tracker.log_metrics(final_metrics(metrics), int(metrics.get("iterations", 0) or 0), ended)
-    tracker.log_artifacts([run_dir / "config.yaml", run_dir / "metrics.json"])
+    tracker.log_artifacts([run_dir / CONFIG, run_dir / METRICS])
     tracker.end("FINISHED", ended)
     if not tracker.enabled:
         raise HCFormerError(f"{run_dir}: could not write to the MLflow store {uri}")

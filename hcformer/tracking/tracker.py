@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from hcformer.config import flatten
-from hcformer.families import HEADS
 from hcformer.tracking import store
 
-RUN_INFO = "run.json"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 SOURCE_NAME = "hcformer train"
+# Heads whose HC version replaces the backbone's last stages by clustering modules (App. B).
+PER_PIXEL = ("fcn32s", "fpn", "pspnet", "deeplabv3")
 
 
 def experiment_name(scale: str, dataset: str) -> str:
@@ -55,7 +55,7 @@ def method(config: dict[str, Any]) -> str:
     model = config.get("model") or {}
     head = model.get("head") or {}
     kind = str(head.get("type", "unknown"))
-    if kind in HEADS and HEADS[kind].per_pixel:
+    if kind in PER_PIXEL:
         level = int((model.get("backbone") or {}).get("hierarchy_level", 0) or 0)
         return f"hc-{kind}" if level > 0 else kind
     return f"{kind}+" if int(head.get("encoder_layers", 0) or 0) > 0 else kind
@@ -64,7 +64,8 @@ def method(config: dict[str, Any]) -> str:
 def run_tags(
     info: dict[str, Any], run_dir: Path, config: dict[str, Any] | None = None
 ) -> dict[str, str]:
-    """The tags of a run from its ``run.json`` (see :func:`hcformer.engine.runinfo`) and config."""
+    """The tags of a run from its ``run.json`` (docs/interfaces.md, "The run folder") and
+    config."""
     commit = str(info.get("git_commit", "unknown"))
     tags = {
         "exp_id": str(info.get("exp_id", "")),

@@ -18,7 +18,7 @@ rule sync_mlflow:
         login=1,
     params:
         uri=mlflow_uri(),
-        runs=f"{RESULTS}/runs",
+        runs=f"{RESULTS}/{RUNS}",
     shell:
         "flock {input.store} hcformer sync-mlflow --results {params.runs}"
         + " --uri '{params.uri}' > {log} 2>&1"

@@ -12,6 +12,7 @@ from pathlib import Path
 from hcformer.analysis.figures import ABLATIONS as FIGURE_TABLES
 from hcformer.experiments import all_experiments, load_tables, scales
 from hcformer.errors import ConfigError
+from hcformer.runfolder import METRICS, RUNS, run_dir, run_log
 from hcformer.tracking.store import check_live_store
 from snakemake.exceptions import WorkflowError
 
@@ -63,7 +64,13 @@ def table_experiments(table):
 
 
 def metrics(exp, seed):
-    return f"{RESULTS}/runs/{exp}/seed{seed}/metrics.json"
+    """A run's metrics.json (its last file: the run rule's output); `seed` may be "{seed}"."""
+    return str(run_dir(RESULTS, exp, seed) / METRICS)
+
+
+def run_rule_log(exp, seed=None):
+    """The run rule's log (one per run, or per experiment when its seeds run in one job)."""
+    return str(run_log(RESULTS, exp, seed))
 
 
 def table_metrics(wildcards):

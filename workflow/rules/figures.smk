@@ -34,6 +34,6 @@ rule visualize:
     resources:
         login=1,
     params:
-        run_dir=lambda wc: f"{RESULTS}/runs/{wc.exp}/seed{SEEDS[0]}",
+        run_dir=lambda wc: str(run_dir(RESULTS, wc.exp, SEEDS[0])),
     shell:
         "hcformer visualize --run-dir {params.run_dir} --out {output} > {log} 2>&1"

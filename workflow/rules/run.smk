@@ -18,9 +18,9 @@ if config["batch_seeds"]:
             dataset_marker,
             f"{RESULTS}/mlflow.ready",
         output:
-            [f"{RESULTS}/runs/{{exp}}/seed{s}/metrics.json" for s in SEEDS],
+            [metrics("{exp}", s) for s in SEEDS],
         log:
-            f"{RESULTS}/logs/run/{{exp}}.log",
+            run_rule_log("{exp}"),
         benchmark:
             f"{RESULTS}/benchmarks/run/{{exp}}.tsv"
         conda:
@@ -49,9 +49,9 @@ else:
             dataset_marker,
             f"{RESULTS}/mlflow.ready",
         output:
-            f"{RESULTS}/runs/{{exp}}/seed{{seed}}/metrics.json",
+            metrics("{exp}", "{seed}"),
         log:
-            f"{RESULTS}/logs/run/{{exp}}/seed{{seed}}.log",
+            run_rule_log("{exp}", "{seed}"),
         benchmark:
             f"{RESULTS}/benchmarks/run/{{exp}}/seed{{seed}}.tsv"
         conda:
