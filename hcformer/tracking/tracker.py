@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from hcformer.config import flatten
+from hcformer.families import HEADS
 from hcformer.tracking import store
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 SOURCE_NAME = "hcformer train"
-# Heads whose HC version replaces the backbone's last stages by clustering modules (App. B).
-PER_PIXEL = ("fcn32s", "fpn", "pspnet", "deeplabv3")
 
 
 def experiment_name(scale: str, dataset: str) -> str:
@@ -55,7 +54,7 @@ def method(config: dict[str, Any]) -> str:
     model = config.get("model") or {}
     head = model.get("head") or {}
     kind = str(head.get("type", "unknown"))
-    if kind in PER_PIXEL:
+    if kind in HEADS and HEADS[kind].per_pixel:
         level = int((model.get("backbone") or {}).get("hierarchy_level", 0) or 0)
         return f"hc-{kind}" if level > 0 else kind
     return f"{kind}+" if int(head.get("encoder_layers", 0) or 0) > 0 else kind
