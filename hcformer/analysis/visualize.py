@@ -152,7 +152,7 @@ def draw_run(run_dir: str | Path, out: str | Path, max_images: int = 4) -> Path:
     files = sorted((run_dir / VISUAL).glob("*.npz"))[:max_images]
     if not files:
         raise HCFormerError(
-            f"{run_dir / 'visual'}: no .npz files (hcformer evaluate writes them; is the run done?)"
+            f"{run_dir / VISUAL}: no .npz files (hcformer evaluate writes them; is the run done?)"
         )
     visuals = [(f.stem, load_visual(f)) for f in files]
     title = (
