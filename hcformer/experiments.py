@@ -61,10 +61,9 @@ VARIED_KEYS = (
     "model.head.encoder_layers",
 )
 
-# Columns that come from `hcformer profile` rather than from a run's metrics.json, and columns
-# that print a setting of the row (the paper's own value is shown as is).
-PROFILE_COLUMNS = ("params_m", "gflops", "latency_ms")
-SETTING_COLUMNS = ("crop", "hierarchy_level", "decoder_layers", "dcnv2", "queries")
+TABLE_KEYS = {"title", "dataset", "columns", "defaults", "figure", "rows"}
+COLUMN_KEYS = {"kind", "latex", "plain", "axis", "scale"}
+COLUMN_KINDS = ("metric", "profile", "setting")
 
 ROW_KEYS = {"label", "set", "quoted", "source", "requires", "schedule", "runs"}
 RUN_KEYS = {"dataset", "metric", "set", "schedule"}
@@ -87,6 +86,18 @@ def experiments_dir() -> Path:
 
 # --------------------------------------------------------------------------------------
 # Data classes of the registry.
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the paper's tables, as ``experiments/columns.yaml`` describes it."""
+
+    key: str
+    kind: str  # metric (the runs' median), profile (hcformer profile), setting (the row's)
+    latex: str  # the title in the LaTeX tables
+    plain: str  # the title in plain text (figure axes and legends)
+    axis: str = ""  # a setting a figure plots: "x" (its x axis) or "hue" (its colours)
+    scale: str = ""  # of an x axis: "log2"
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,8 @@ class Table:
     columns: tuple[str, ...]
     rows: tuple[Row, ...]
     path: Path
+    figure: bool = False  # the table has a figure of its ablation (hcformer figures)
+    kinds: dict[str, str] = field(default_factory=dict)  # column -> metric, profile or setting
 
     def row(self, label: str) -> Row:
         for row in self.rows:
@@ -177,6 +190,47 @@ def _paper_values(root: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a 'tables' mapping of table id -> rows")
     return data
+
+
+@functools.lru_cache(maxsize=4)
+def _columns(root: Path) -> dict[str, Column]:
+    path = root / "columns.yaml"
+    data = load_yaml(path).get("columns")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a 'columns' mapping of column key -> description")
+    out = {}
+    for key, spec in data.items():
+        spec = _mapping(spec, f"{path}: {key}")
+        unknown = set(spec) - COLUMN_KEYS
+        if unknown:
+            raise ConfigError(
+                f"{path}: {key}: unknown keys {sorted(unknown)}; valid: {sorted(COLUMN_KEYS)}"
+            )
+        if spec.get("kind") not in COLUMN_KINDS or not spec.get("latex") or not spec.get("plain"):
+            raise ConfigError(
+                f"{path}: {key}: needs 'kind' (one of {', '.join(COLUMN_KINDS)}), 'latex' and "
+                f"'plain'; got {spec}"
+            )
+        axis, scale = spec.get("axis", ""), spec.get("scale", "")
+        if axis not in ("", "x", "hue") or scale not in ("", "log2"):
+            raise ConfigError(f"{path}: {key}: 'axis' is x or hue, 'scale' is log2; got {spec}")
+        out[str(key)] = Column(key=str(key), **{k: str(v) for k, v in spec.items()})
+    return out
+
+
+def columns(root: str | Path | None = None) -> dict[str, Column]:
+    """Every column a table may have, by key, in the order of ``experiments/columns.yaml``."""
+    return _columns(Path(root) if root else experiments_dir())
+
+
+def columns_of(kind: str, root: str | Path | None = None) -> tuple[str, ...]:
+    """The keys of the columns of one kind (metric, profile, setting), in the file's order."""
+    return tuple(key for key, column in columns(root).items() if column.kind == kind)
+
+
+def x_columns(root: str | Path | None = None) -> tuple[str, ...]:
+    """The settings a figure can put on its x axis, in the order a table's is looked for."""
+    return tuple(key for key, column in columns(root).items() if column.axis == "x")
 
 
 _ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8, "IX": 9}
@@ -260,6 +314,7 @@ def _load_tables(root: Path) -> tuple[Table, ...]:
         )
     values = _paper_values(root)
     datasets = _dataset_names(root)
+    known = _columns(root)
     parsed_tables = []
     for path in paths:
         table_id = path.stem
@@ -267,6 +322,24 @@ def _load_tables(root: Path) -> tuple[Table, ...]:
         for key in ("title", "columns", "rows"):
             if key not in tdata:
                 raise ConfigError(f"{path}: missing key {key!r}")
+        unknown = set(tdata) - TABLE_KEYS
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(TABLE_KEYS)}"
+            )
+        for column in tdata["columns"]:
+            if column not in known:
+                raise ConfigError(
+                    f"{path}: column {column!r} is not in {root / 'columns.yaml'}; known "
+                    f"columns: {', '.join(known)}"
+                )
+        if not isinstance(tdata.get("figure", False), bool):
+            raise ConfigError(f"{path}: figure must be true or false, got {tdata['figure']!r}")
+        if tdata.get("figure") and not set(tdata["columns"]) & set(x_columns(root)):
+            raise ConfigError(
+                f"{path}: a figure needs a column to plot against (axis: x in "
+                f"{root / 'columns.yaml'}: {', '.join(x_columns(root))})"
+            )
         dataset = tdata.get("dataset")
         if dataset is not None and dataset not in datasets:
             raise ConfigError(f"{path}: dataset {dataset!r} is not one of {datasets}")
@@ -322,6 +395,8 @@ def _load_tables(root: Path) -> tuple[Table, ...]:
                 columns=tuple(tdata["columns"]),
                 rows=tuple(built),
                 path=path,
+                figure=bool(tdata.get("figure", False)),
+                kinds={c: known[c].kind for c in tdata["columns"]},
             )
         )
     return tuple(tables)

@@ -396,3 +396,42 @@ def test_scales_are_the_overlay_files_and_every_scale_option_offers_them(
             cli.main([command, "--scale", "huge"])
         err = capsys.readouterr().err
         assert re.search(r"--scale: invalid choice: .*huge.*mini.*paper.*smoke.*tiny", err), err
+
+
+FIGURE_TABLES = ["table5", "table6", "tableII", "tableIV", "tableV", "tableVI", "tableVII"]
+
+
+def test_every_table_column_is_described_in_columns_yaml_and_figures_are_flagged():
+    described = yaml.safe_load((ROOT / "columns.yaml").read_text())["columns"]
+    for table in ex.load_tables():
+        assert table.kinds == {c: described[c]["kind"] for c in table.columns}, table.id
+    assert [t.id for t in ex.load_tables() if t.figure] == FIGURE_TABLES
+    assert ex.x_columns() == ("hierarchy_level", "decoder_layers", "queries")
+    assert ex.columns_of("profile") == ("params_m", "gflops", "latency_ms")
+    assert ex.columns()["dcnv2"].axis == "hue" and ex.columns()["decoder_layers"].scale == "log2"
+
+
+@pytest.mark.parametrize(
+    "file, old, new, message",
+    [
+        ("tables/table5.yaml", "columns: [hierarchy_level, pq,", "columns: [hierarchy_level, pqq,",
+         r"table5.yaml: column 'pqq' is not in .*columns.yaml; known columns: pq, pq_th"),
+        ("tables/table1.yaml", "rows:", "figure: true\nrows:",
+         r"table1.yaml: a figure needs a column to plot against \(axis: x in .*columns.yaml: "
+         r"hierarchy_level, decoder_layers, queries\)"),
+        ("tables/table5.yaml", "figure: true", "figure: sometimes",
+         r"table5.yaml: figure must be true or false, got 'sometimes'"),
+        ("tables/table5.yaml", "title:", "titel: x\ntitle:", r"table5.yaml: unknown keys \['titel'\]"),
+        ("columns.yaml", "pq: {kind: metric,", "pq: {kind: score,",
+         r"columns.yaml: pq: needs 'kind' \(one of metric, profile, setting\), 'latex' and 'plain'"),
+        ("columns.yaml", "axis: hue}", "axis: y}", r"columns.yaml: dcnv2: 'axis' is x or hue"),
+    ],
+)  # fmt: skip
+def test_bad_column_or_figure_flag_names_the_file(
+    copy_root: Path, file: str, old: str, new: str, message: str
+):
+    path = copy_root / file
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message):
+        ex.load_tables(copy_root)

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hcformer import cli
 from hcformer.analysis.tables import (
@@ -78,6 +79,29 @@ def test_table_tex_has_the_papers_layout_values_and_marks(table5, paper_values):
     assert lines[-1].split(" & ")[3] == "\\multicolumn{2}{c}{\\textit{missing}}"
     assert "not results" in tex  # a smoke table says so in its caption
     assert "\\resizebox" not in tex
+
+
+def test_column_titles_are_those_of_columns_yaml(table5, tmp_path, monkeypatch):
+    """The header titles each column as experiments/columns.yaml says (the one list of titles):
+    a title changed there is the title printed."""
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    described = yaml.safe_load((root / "columns.yaml").read_text())["columns"]
+
+    def header() -> str:
+        return (table5 / "tables" / "table5.tex").read_text().split("\\toprule\n")[1]
+
+    titles = [described[c]["latex"] for c in load_table("table5").columns]
+    assert header().startswith(
+        f"Method & {titles[0]} & "
+        + " & ".join(f"\\multicolumn{{3}}{{c}}{{{t}}}" for t in titles[1:])
+    )
+    shutil.copytree(root, tmp_path / "experiments")
+    path = tmp_path / "experiments" / "columns.yaml"
+    path.write_text(path.read_text().replace("latex: Level,", "latex: Hierarchy level,"))
+    monkeypatch.setenv("HCFORMER_EXPERIMENTS", str(tmp_path / "experiments"))
+    argv = ["tables", "--results", str(table5), "--scale", "smoke", "--table", "table5"]
+    assert cli.main(argv) == 0
+    assert header().startswith("Method & Hierarchy level & ")
 
 
 def test_provenance_names_the_runs_of_every_cell(table5):

@@ -104,7 +104,8 @@ def test_main_job_is_smoke_on_all_local_cores(smoke_dry_run):
     counts = job_counts(smoke_dry_run)
     assert counts["run"] == len(experiments)  # seeds batched: one process per experiment
     assert counts["table"] == counts["aggregate_table"] == counts["profile"] == len(load_tables())
-    assert counts["figure"] == 7 and counts["data"] == 4 and counts["mlflow_store"] == 1
+    assert counts["figure"] == sum(t.figure for t in load_tables()) == 7  # `figure: true`
+    assert counts["data"] == 4 and counts["mlflow_store"] == 1
     jobs = run_jobs(smoke_dry_run)
     assert {j["exp"] for j in jobs} == set(experiments)
     assert all("--seeds 0 1 2" in j["shell"] and "--launcher inline" in j["shell"] for j in jobs)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hcformer.errors import HCFormerError
-from hcformer.experiments import scales
+from hcformer.experiments import Table, scales
 from hcformer.runfolder import (
     JOB,
     METRICS,
@@ -48,8 +48,6 @@ from hcformer.runfolder import (
     slurm_states,
 )
 
-PROFILE_COLUMNS = ("params_m", "gflops", "latency_ms")
-SETTING_COLUMNS = ("crop", "hierarchy_level", "decoder_layers", "dcnv2", "queries")
 CELL_FIELDS = (
     "table",
     "row",
@@ -293,7 +291,7 @@ def _diff(ours: Any, paper: Any) -> float | None:
 
 
 def table_cells(
-    table: Any,
+    table: Table,
     runs: dict[tuple[str, int], RunRecord],
     seeds: list[int],
     profile: dict[str, dict[str, Any]],
@@ -322,11 +320,12 @@ def table_cells(
                 "source": row.source,
                 "runs": [],
             }
-            if column in SETTING_COLUMNS:
+            kind = table.kinds[column]  # experiments/columns.yaml
+            if kind == "setting":
                 cell.update(kind="setting", status="setting")
             elif not row.runs:
                 cell.update(kind="metric", status="quoted")
-            elif column in PROFILE_COLUMNS:
+            elif kind == "profile":
                 cell["kind"] = "profile"
                 value = _profile_value(profile.get(row.label, {}), column)
                 if value is None:

@@ -1,9 +1,11 @@
-"""``hcformer figures``: one figure per ablation table (tables 5, 6, II, IV, V, VI, VII).
+"""``hcformer figures``: the figure of an ablation table (``figure: true`` in its YAML).
 
 Each seed is a point, the median of the seeds a line, the paper's values a dashed line beside
 them; one panel per metric column of the table (table IV: COCO PQ, ADE20K mIoU, Cityscapes
-mIoU), the varied setting on the x axis (hierarchy level, decoder layers, queries), DCNv2 on/off
-as two colours (table II). Read from the table's cells
+mIoU), the varied setting on the x axis (the table's first ``axis: x`` column of
+``experiments/columns.yaml``: hierarchy level, decoder layers, queries), an ``axis: hue``
+setting as two colours (DCNv2 on/off, table II); axes titled with the columns' plain titles.
+Read from the table's cells
 (``<results>/aggregate/<table>.csv``, written by ``hcformer aggregate``); writes
 ``<results>/figures/<table>.pdf`` and ``.png``.
 """
@@ -16,22 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from hcformer.analysis.aggregate import read_cells
-from hcformer.analysis.tables import COLUMN_TITLES
 from hcformer.errors import HCFormerError
+from hcformer.experiments import columns, x_columns
 
-# The tables with a figure of their ablation (the workflow's `figure` rule and snapshots).
-ABLATIONS = ("table5", "table6", "tableII", "tableIV", "tableV", "tableVI", "tableVII")
-X_COLUMNS = ("hierarchy_level", "decoder_layers", "queries")
-PLAIN_TITLES = {
-    "pq": "PQ",
-    "miou": "mIoU",
-    "coco_pq": "COCO PQ",
-    "ade20k_miou": "ADE20K mIoU",
-    "cityscapes_miou": "Cityscapes mIoU",
-    "hierarchy_level": "hierarchy level",
-    "decoder_layers": "decoder layers",
-    "queries": "queries",
-}
+
+def plain(column: str) -> str:
+    """A column's plain-text title (experiments/columns.yaml), or its key."""
+    known = columns().get(column)
+    return known.plain if known else column
 
 
 def figure_data(cells: list[dict[str, Any]]) -> tuple[str, str | None, list[str], list[dict]]:
@@ -43,21 +37,24 @@ def figure_data(cells: list[dict[str, Any]]) -> tuple[str, str | None, list[str]
     by_row: dict[str, dict[str, dict[str, Any]]] = {}
     for cell in cells:
         by_row.setdefault(cell["row"], {})[cell["column"]] = cell
-    columns = list(dict.fromkeys(c["column"] for c in cells))
-    xs = [c for c in X_COLUMNS if c in columns]
+    table_columns = list(dict.fromkeys(c["column"] for c in cells))
+    xs = [c for c in x_columns() if c in table_columns]
     if not xs:
         raise HCFormerError(
             f"table {cells[0]['table'] if cells else '?'}: no varied setting column "
-            f"({', '.join(X_COLUMNS)}) to plot against"
+            f"({', '.join(x_columns())}) to plot against"
         )
     x_col = xs[0]
-    hue_col = "dcnv2" if "dcnv2" in columns else None
-    metrics = [c for c in columns if cells and by_row[cells[0]["row"]][c]["kind"] == "metric"]
+    hues = [c for c, known in columns().items() if known.axis == "hue" and c in table_columns]
+    hue_col = hues[0] if hues else None
+    metrics = [c for c in table_columns if cells and by_row[cells[0]["row"]][c]["kind"] == "metric"]
     points = []
     for row in by_row.values():
         x = row[x_col]["paper"]
-        hue = row[hue_col]["paper"] if hue_col else None
-        hue = ("with DCNv2" if hue else "without DCNv2") if hue_col else "HCFormer"
+        if hue_col:
+            hue = ("with " if row[hue_col]["paper"] else "without ") + plain(hue_col)
+        else:
+            hue = "HCFormer"
         for metric in metrics:
             cell = row[metric]
             if cell["paper"] is not None:
@@ -92,40 +89,20 @@ def draw(cells: list[dict[str, Any]], title: str, scale: str, out_stem: Path) ->
         part = frame[frame["panel"] == metric]
         ours, paper = part[part["what"] == "ours"], part[part["what"] == "paper"]
         if not ours.empty:
-            sns.scatterplot(
-                data=ours,
-                x="x",
-                y="value",
-                hue="hue",
-                palette=palette,
-                ax=ax,
-                alpha=0.6,
-                s=28,
-                legend=False,
-            )
-            sns.lineplot(
-                data=ours,
-                x="x",
-                y="value",
-                hue="hue",
-                palette=palette,
-                ax=ax,
-                estimator="median",
-                errorbar=None,
-                marker="o",
-                legend=False,
-            )
+            seeds = dict(data=ours, x="x", y="value", hue="hue", palette=palette, ax=ax)
+            sns.scatterplot(**seeds, alpha=0.6, s=28, legend=False)
+            sns.lineplot(**seeds, estimator="median", errorbar=None, marker="o", legend=False)
         else:
             ax.text(0.5, 0.5, "no runs yet", transform=ax.transAxes, ha="center", color="0.4")
         for hue, line in paper.groupby("hue", sort=False):
             line = line.sort_values("x")
             ax.plot(line["x"], line["value"], linestyle="--", marker="x", color=palette[hue])
-        ax.set_xlabel(PLAIN_TITLES.get(x_col, x_col))
-        ax.set_ylabel(PLAIN_TITLES.get(metric, COLUMN_TITLES.get(metric, metric)))
+        ax.set_xlabel(plain(x_col))
+        ax.set_ylabel(plain(metric))
         xs = sorted(set(part["x"]))
         if xs:
             ax.set_xticks(xs)
-            if x_col in ("decoder_layers",):
+            if columns()[x_col].scale == "log2":
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(xs, [str(int(x)) for x in xs])
     from matplotlib.lines import Line2D

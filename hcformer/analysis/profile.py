@@ -44,7 +44,7 @@ from typing import Any
 
 from hcformer.config import Config
 from hcformer.errors import ConfigError, HCFormerError
-from hcformer.experiments import PROFILE_COLUMNS, Row, load_table, resolve, scales
+from hcformer.experiments import Row, columns_of, load_table, resolve, scales
 
 SIZE_DIVISIBILITY = 32
 
@@ -240,7 +240,7 @@ def measure_latency(
 
 
 def _paper_and_diff(row: Row, ours: dict[str, Any]) -> tuple[dict, dict]:
-    paper = {c: row.values.get(c) for c in PROFILE_COLUMNS if c in row.values}
+    paper = {c: row.values.get(c) for c in columns_of("profile") if c in row.values}
     diff = {
         c: (ours[c] - v if isinstance(v, (int, float)) and ours.get(c) is not None else None)
         for c, v in paper.items()

@@ -18,6 +18,7 @@ from typing import Any
 
 from hcformer.analysis.aggregate import read_cells
 from hcformer.analysis.tables import failed_seeds, no_objects
+from hcformer.experiments import load_tables, x_columns
 
 MEANING = {
     "smoke": (
@@ -38,7 +39,6 @@ MEANING = {
         "are beside it."
     ),
 }
-ABLATION_X = ("hierarchy_level", "decoder_layers", "queries")
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float | None:
@@ -98,9 +98,10 @@ def markdown_table(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def ordering(cells: list[dict[str, Any]]) -> list[str]:
-    """For an ablation table: per metric column, Kendall's tau of ours vs the paper's values."""
+    """For an ablation table (one that varies a setting a figure plots on its x axis): per
+    metric column, Kendall's tau of ours vs the paper's values."""
     columns = list(dict.fromkeys(c["column"] for c in cells))
-    if not any(c in columns for c in ABLATION_X):
+    if not any(c in columns for c in x_columns()):
         return []
     out = []
     for column in columns:
@@ -135,8 +136,6 @@ def run_counts(runs_csv: Path) -> dict[str, int]:
 def render(results: Path, scale: str, note: str = "") -> str:
     """The README of the results tree at ``results``; ``note``: a paragraph after the one on
     what the scale's numbers mean (a snapshot says what it is)."""
-    from hcformer.experiments import load_tables
-
     counts = run_counts(results / "runs.csv")
     total = sum(counts.values())
     lines = [

@@ -33,33 +33,8 @@ from typing import Any
 
 from hcformer.analysis.aggregate import read_cells
 from hcformer.errors import HCFormerError
-from hcformer.experiments import scales
+from hcformer.experiments import columns, scales
 
-COLUMN_TITLES = {
-    "pq": "PQ",
-    "pq_th": r"PQ\textsuperscript{Th}",
-    "pq_st": r"PQ\textsuperscript{St}",
-    "ap_th_pan": r"AP\textsuperscript{Th}\textsubscript{pan}",
-    "miou_pan": r"mIoU\textsubscript{pan}",
-    "ap": "AP",
-    "ap_s": r"AP\textsubscript{S}",
-    "ap_m": r"AP\textsubscript{M}",
-    "ap_l": r"AP\textsubscript{L}",
-    "ap_boundary": r"AP\textsuperscript{boundary}",
-    "miou": "mIoU",
-    "pixel_acc": "Pixel acc.",
-    "params_m": r"\#Params (M)",
-    "gflops": "GFLOPs",
-    "latency_ms": "Latency (ms)",
-    "crop": "Crop",
-    "hierarchy_level": "Level",
-    "decoder_layers": "Layers",
-    "dcnv2": "DCNv2",
-    "queries": "Queries",
-    "coco_pq": "COCO PQ",
-    "ade20k_miou": "ADE20K mIoU",
-    "cityscapes_miou": "Cityscapes mIoU",
-}
 STATUS_MARKS = {
     "missing": r"\textit{missing}",
     "failed": r"\textit{failed}",
@@ -96,7 +71,17 @@ MINUS = r"\ensuremath{-}"  # a math minus in text and in math mode (a hyphen is 
 # COCO's summary prints -1 (here -100, in percent) for "no object of this size" (e.g. AP_S on
 # images without small objects): not a number, shown as an en dash.
 COCO_COLUMNS = ("ap", "ar")
-SETTING_INTEGERS = ("hierarchy_level", "decoder_layers", "queries", "crop")
+
+
+def title(column: str) -> str:
+    """A column's LaTeX title (experiments/columns.yaml; an unknown key as itself, escaped)."""
+    known = columns().get(column)
+    return known.latex if known else latex_escape(column)
+
+
+def _is_setting(column: str) -> bool:
+    known = columns().get(column)
+    return known is not None and known.kind == "setting"
 
 
 def _signed(text: str) -> str:
@@ -114,14 +99,14 @@ def no_objects(value: Any, column: str) -> bool:
 
 
 def fmt(value: Any, column: str = "") -> str:
-    """A number as the paper prints it: the paper's integers as integers (37, 3692), else one
-    decimal (two below 1 for params/GFLOPs of the tiny models); a math minus; COCO's -1 and an
-    absent value as an en dash."""
+    """A number as the paper prints it: the paper's integers and the settings of a row as
+    integers (37, 3692), else one decimal (two below 1 for params/GFLOPs of the tiny models); a
+    math minus; COCO's -1 and an absent value as an en dash."""
     if value is None or value == "" or no_objects(value, column):
         return "--"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int) or (column in SETTING_INTEGERS and isinstance(value, float)):
+    if isinstance(value, int) or (isinstance(value, float) and _is_setting(column)):
         return _signed(str(int(value)))
     if isinstance(value, float):
         if column in ("params_m", "gflops") and 0 < abs(value) < 1:
@@ -268,10 +253,20 @@ def _mark(cell: dict[str, Any]) -> str:
     return STATUS_MARKS.get(cell["status"], latex_escape(cell["status"]))
 
 
+def _paper_line(row, row_columns, shown, by, footnotes):
+    """Whether a row (of ``row_columns``) is quoted, and its first line: its label and the
+    paper's values of the columns ``shown``."""
+    quoted = by[(row, row_columns[0])]["quoted"]
+    if quoted:
+        footnotes.add("quoted")
+    line = [(_row_label(row, quoted), 1)]
+    return quoted, line + [(fmt(by[(row, c)]["paper"], c), 1) for c in shown]
+
+
 def _triple_layout(rows, settings, numbers, by, footnotes):
     """Paper, ours and the difference side by side for each number column."""
-    head1 = [("Method", 1)] + [(COLUMN_TITLES.get(c, latex_escape(c)), 1) for c in settings]
-    head1 += [(COLUMN_TITLES.get(c, latex_escape(c)), 3) for c in numbers]
+    head1 = [("Method", 1)] + [(title(c), 1) for c in settings]
+    head1 += [(title(c), 3) for c in numbers]
     head2 = [("", 1)] * (1 + len(settings)) + [("paper", 1), ("ours", 1), (r"$\Delta$", 1)] * len(
         numbers
     )
@@ -281,11 +276,7 @@ def _triple_layout(rows, settings, numbers, by, footnotes):
     )
     body = []
     for row in rows:
-        quoted = by[(row, (settings + numbers)[0])]["quoted"]
-        if quoted:
-            footnotes.add("quoted")
-        line = [(_row_label(row, quoted), 1)]
-        line += [(fmt(by[(row, c)]["paper"], c), 1) for c in settings]
+        _, line = _paper_line(row, settings + numbers, settings, by, footnotes)
         for column in numbers:
             cell = by[(row, column)]
             if no_objects(cell["paper"], column):
@@ -305,15 +296,10 @@ def _triple_layout(rows, settings, numbers, by, footnotes):
 def _stacked_layout(rows, settings, numbers, by, footnotes):
     """A column per number, as the paper prints it: the paper's line of a row, then a line of
     ours and one of the difference below it (quoted rows have neither)."""
-    titles = [COLUMN_TITLES.get(c, latex_escape(c)) for c in settings + numbers]
-    head = [("Method", 1)] + [(t, 1) for t in titles]
+    head = [("Method", 1)] + [(title(c), 1) for c in settings + numbers]
     body = []
     for row in rows:
-        quoted = by[(row, (settings + numbers)[0])]["quoted"]
-        if quoted:
-            footnotes.add("quoted")
-        line = [(_row_label(row, quoted), 1)]
-        line += [(fmt(by[(row, c)]["paper"], c), 1) for c in settings + numbers]
+        quoted, line = _paper_line(row, settings + numbers, settings + numbers, by, footnotes)
         body.append(line)
         if quoted:
             continue

@@ -9,7 +9,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from hcformer.analysis.figures import ABLATIONS as FIGURE_TABLES
 from hcformer.experiments import all_experiments, load_tables, scales
 from hcformer.errors import ConfigError
 from hcformer.runfolder import METRICS, RUNS, run_dir, run_log
@@ -38,8 +37,8 @@ SKIPPED = {
     for e in EXPERIMENTS.values()
     if e.requires and e.requires in config["skip_requires"]
 }
-# Tables with a figure of their ablation: each seed a point, the median a line.
-ABLATIONS = [t for t in FIGURE_TABLES if t in TABLES]
+# Tables with a figure of their ablation (`figure: true`): each seed a point, the median a line.
+ABLATIONS = [t for t in TABLES if TABLES[t].figure]
 VISUALIZE = [
     e for e in config.get("visualize", []) if e in EXPERIMENTS and e not in SKIPPED
 ]
