@@ -134,72 +134,54 @@ SWIN = BackboneFamily(
     shape_keys=("depths", "embed_dim", "num_heads", "window_size"),
 )
 
-# The paper's sizes are torchvision's ResNets and the authors' Swin configs; the weights are
-# Mask2Former's (torchvision's ResNets, Swin-S on ImageNet-1K at 224, Swin-L on ImageNet-22K at
-# 384, docs/fidelity.md D3); drop path 0.3 for Swin as the authors' Swin configs.
+
+def _resnet(name: str, token: str, depths: list[int], tiny_depths: list[int]) -> BackboneEntry:
+    """A torchvision ResNet (bottleneck widths 64..512, stem 64) with torchvision's ImageNet
+    weights (detectron2's R-50/R-101.pkl); tiny: widths 16..128, stem 8."""
+    return BackboneEntry(
+        name=name,
+        token=token,
+        family=RESNET,
+        timm_model=name,
+        size={"depths": depths, "widths": [64, 128, 256, 512], "stem_width": 64},
+        pretrained=f"timm:{name}.tv_in1k",
+        tiny={"depths": tiny_depths, "widths": [16, 32, 64, 128], "stem_width": 8},
+    )
+
+
+SwinSize = tuple[int, list[int], list[int], int]  # embed_dim, depths, num_heads, window_size
+
+
+def _swin(name: str, token: str, weights: str, size: SwinSize, tiny: SwinSize) -> BackboneEntry:
+    """A Swin from timm's ``<architecture>.<tag>`` weights; ``size`` and ``tiny`` are
+    (embed_dim, depths, num_heads, window_size); drop path 0.3 as the authors' Swin configs."""
+    keys = ("embed_dim", "depths", "num_heads", "window_size")
+    return BackboneEntry(
+        name=name,
+        token=token,
+        family=SWIN,
+        timm_model=weights.split(".")[0],
+        size=dict(zip(keys, size)),
+        pretrained=f"timm:{weights}",
+        tiny=dict(zip(keys, tiny)),
+        drop_path=0.3,
+    )
+
+
+# The paper's backbones: sizes of torchvision's ResNets and of the authors' Swin configs, the
+# ImageNet weights of Mask2Former (Swin-S on ImageNet-1K at 224, Swin-L on ImageNet-22K at 384;
+# docs/fidelity.md D3). One line each; a new size of a family is one more line.
 BACKBONES: dict[str, BackboneEntry] = {
     entry.name: entry
     for entry in (
-        BackboneEntry(
-            name="resnet50",
-            token="r50",
-            family=RESNET,
-            timm_model="resnet50",
-            size={"depths": [3, 4, 6, 3], "widths": [64, 128, 256, 512], "stem_width": 64},
-            pretrained="timm:resnet50.tv_in1k",
-            tiny={"depths": [1, 1, 1, 1], "widths": [16, 32, 64, 128], "stem_width": 8},
-        ),
-        BackboneEntry(
-            name="resnet101",
-            token="r101",
-            family=RESNET,
-            timm_model="resnet101",
-            size={"depths": [3, 4, 23, 3], "widths": [64, 128, 256, 512], "stem_width": 64},
-            pretrained="timm:resnet101.tv_in1k",
-            tiny={"depths": [1, 1, 2, 1], "widths": [16, 32, 64, 128], "stem_width": 8},
-        ),
-        BackboneEntry(
-            name="swin_s",
-            token="swins",
-            family=SWIN,
-            timm_model="swin_small_patch4_window7_224",
-            size={
-                "embed_dim": 96,
-                "depths": [2, 2, 18, 2],
-                "num_heads": [3, 6, 12, 24],
-                "window_size": 7,
-            },  # fmt: skip
-            pretrained="timm:swin_small_patch4_window7_224.ms_in1k",
-            tiny={
-                "embed_dim": 16,
-                "depths": [1, 1, 1, 1],
-                "num_heads": [1, 2, 4, 8],
-                "window_size": 4,
-            },  # fmt: skip
-            drop_path=0.3,
-        ),
-        BackboneEntry(
-            name="swin_l",
-            token="swinl",
-            family=SWIN,
-            timm_model="swin_large_patch4_window12_384",
-            size={
-                "embed_dim": 192,
-                "depths": [2, 2, 18, 2],
-                "num_heads": [6, 12, 24, 48],
-                "window_size": 12,
-            },  # fmt: skip
-            pretrained="timm:swin_large_patch4_window12_384.ms_in22k",
-            tiny={
-                "embed_dim": 32,
-                "depths": [1, 1, 2, 1],
-                "num_heads": [1, 2, 4, 8],
-                "window_size": 4,
-            },  # fmt: skip
-            drop_path=0.3,
-        ),
+        _resnet("resnet50", "r50", [3, 4, 6, 3], tiny_depths=[1, 1, 1, 1]),
+        _resnet("resnet101", "r101", [3, 4, 23, 3], tiny_depths=[1, 1, 2, 1]),
+        _swin("swin_s", "swins", "swin_small_patch4_window7_224.ms_in1k",
+              (96, [2, 2, 18, 2], [3, 6, 12, 24], 7), (16, [1, 1, 1, 1], [1, 2, 4, 8], 4)),
+        _swin("swin_l", "swinl", "swin_large_patch4_window12_384.ms_in22k",
+              (192, [2, 2, 18, 2], [6, 12, 24, 48], 12), (32, [1, 1, 2, 1], [1, 2, 4, 8], 4)),
     )
-}
+}  # fmt: skip
 
 HEADS: dict[str, HeadEntry] = {
     entry.type: entry

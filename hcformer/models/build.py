@@ -3,7 +3,7 @@
 Every model family lives in its own file and is registered, with its builder, in
 :data:`hcformer.families.HEADS`; ``build_model`` dispatches on ``model.head.type`` through that
 registry. This file also holds what the mask-classification builders share: the check of a list
-of keys and the query decoder built from ``model.head``.
+of keys, and the query decoder and the res5 encoder built from ``model.head``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,25 @@ def query_decoder(cfg: ModelConfig, decoder_cls: type[nn.Module]) -> nn.Module:
         dim_feedforward=head.dim_feedforward,
         dropout=head.decoder_dropout,
         mask_dim=head.mask_dim,
+    )
+
+
+def res5_encoder(
+    cfg: ModelConfig, encoder_cls: type[nn.Module], in_channels: int, d_model: int
+) -> nn.Module | None:
+    """The transformer encoder on res5 (``in_channels`` wide) that ``model.head.encoder_layers``
+    asks for, None at 0: HCFormer+'s (at hidden_dim) or MaskFormer's pixel decoder's (at
+    pixel_decoder_dim)."""
+    head = cfg.head
+    if head.encoder_layers == 0:
+        return None
+    return encoder_cls(
+        in_channels=in_channels,
+        d_model=d_model,
+        num_layers=head.encoder_layers,
+        nheads=head.nheads,
+        dim_feedforward=head.dim_feedforward,
+        dropout=head.encoder_dropout,
     )
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from hcformer.config import ModelConfig
 from hcformer.errors import ConfigError
 from hcformer.models.backbones import build_backbone
-from hcformer.models.build import check_keys, query_decoder
+from hcformer.models.build import check_keys, query_decoder, res5_encoder
 from hcformer.models.clustering import (
     decode_basis,
     decode_masks,
@@ -250,16 +250,8 @@ def build_hcformer(cfg: ModelConfig) -> HCFormer:
     _check_hcformer(cfg)
     head = cfg.head
     backbone = build_backbone(cfg.backbone)
-    encoder = None
-    if head.encoder_layers > 0:
-        encoder = TransformerEncoder(
-            in_channels=backbone.out_channels["res5"],
-            d_model=head.hidden_dim,
-            num_layers=head.encoder_layers,
-            nheads=head.nheads,
-            dim_feedforward=head.dim_feedforward,
-            dropout=head.encoder_dropout,
-        )
+    res5 = backbone.out_channels["res5"]
+    encoder = res5_encoder(cfg, TransformerEncoder, res5, head.hidden_dim)
     decoder_cls = MaskedAttentionDecoder if head.decoder == "masked" else StandardDecoder
     return HCFormer(
         backbone=backbone,

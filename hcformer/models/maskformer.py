@@ -21,7 +21,7 @@ from torch import nn
 from hcformer.config import ModelConfig
 from hcformer.errors import ConfigError
 from hcformer.models.backbones import build_backbone
-from hcformer.models.build import check_keys, query_decoder
+from hcformer.models.build import check_keys, query_decoder, res5_encoder
 from hcformer.models.hcformer import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY
 from hcformer.models.pixel_decoder import FPNPixelDecoder, PixelDecoderEncoder, c2_xavier_fill
 from hcformer.models.position_encoding import PositionEmbeddingSine
@@ -159,16 +159,8 @@ def build_maskformer(cfg: ModelConfig) -> MaskFormer:
     check_keys(checks)
     # MaskFormer's Swin LayerNorms every stage output its FPN reads (no-op for ResNets).
     backbone = build_backbone(bb, norm_all_features=True)
-    encoder = None
-    if head.encoder_layers > 0:
-        encoder = PixelDecoderEncoder(
-            in_channels=backbone.out_channels["res5"],
-            d_model=head.pixel_decoder_dim,
-            num_layers=head.encoder_layers,
-            nheads=head.nheads,
-            dim_feedforward=head.dim_feedforward,
-            dropout=head.encoder_dropout,
-        )
+    res5 = backbone.out_channels["res5"]
+    encoder = res5_encoder(cfg, PixelDecoderEncoder, res5, head.pixel_decoder_dim)
     pixel_decoder = FPNPixelDecoder(
         in_channels=dict(backbone.out_channels),
         conv_dim=head.pixel_decoder_dim,

@@ -230,14 +230,12 @@ def build_resnet(
     paper size unless the shape keys shrink it; ``norm_all_features`` is for Swin (ResNets have
     no output norms)."""
     del norm_all_features
-    shape = entry.shape(cfg)
+    shape = entry.shape(cfg)  # depths, widths, stem_width
     trunk = timm_trunk(
         cfg,
         create_resnet_trunk,
         entry.timm_model,
-        depths=shape["depths"],
-        widths=shape["widths"],
-        stem_width=shape["stem_width"],
+        **shape,
         output_stride=cfg.output_stride,
         drop_path=cfg.drop_path,
     )

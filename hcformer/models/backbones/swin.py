@@ -210,16 +210,7 @@ def build_swin(
                 f"model.backbone.num_heads: stage {i} has {shape['embed_dim'] * 2**i} channels, "
                 f"not divisible by {heads} heads"
             )
-    trunk = timm_trunk(
-        cfg,
-        create_swin_trunk,
-        entry.timm_model,
-        embed_dim=shape["embed_dim"],
-        depths=shape["depths"],
-        num_heads=shape["num_heads"],
-        window_size=shape["window_size"],
-        drop_path=cfg.drop_path,
-    )
+    trunk = timm_trunk(cfg, create_swin_trunk, entry.timm_model, **shape, drop_path=cfg.drop_path)
     return SwinBackbone(
         trunk=trunk,
         hierarchy_level=cfg.hierarchy_level,
