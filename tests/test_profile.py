@@ -271,12 +271,10 @@ def test_latency_is_measured_on_real_tensors():
 
 
 def test_rows_that_need_missing_heads_are_skipped(monkeypatch: pytest.MonkeyPatch):
-    import hcformer.models
-
     def not_built(cfg):
         raise ConfigError(f"model.head.type: {cfg.head.type!r} is not built yet")
 
-    monkeypatch.setattr(hcformer.models, "build_model", not_built)
+    monkeypatch.setattr(P, "build_model", not_built)
     result = P.profile_table("tableI_a", "tiny")
     assert [r["status"] for r in result["rows"]] == ["skipped"] * 4
     assert "requires baselines" in result["rows"][0]["reason"]

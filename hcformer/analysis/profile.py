@@ -30,21 +30,24 @@ The JSON written by ``--out`` holds, per table row (and per run for table IV): `
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from hcformer.analysis.flops import MacCount, count_macs
 from hcformer.config import Config
 from hcformer.errors import ConfigError, HCFormerError
-from hcformer.experiments import Row, columns_of, load_table, resolve, scales
+from hcformer.experiments import Row, columns_of, load_table, resolve
+from hcformer.models import build_model
+from hcformer.models.postprocess import resize_to_original, semantic_inference, upsample_to_input
 
 SIZE_DIVISIBILITY = 32
 
@@ -113,10 +116,6 @@ def profile_inputs(cfg: Config) -> list[InputSize]:
 
 def _build(cfg: Config, device: str):
     """The model of ``cfg`` without pretrained weights (they change no count), in eval mode."""
-    import torch
-
-    from hcformer.models import build_model
-
     model_cfg = dataclasses.replace(
         cfg.model, backbone=dataclasses.replace(cfg.model.backbone, pretrained="")
     )
@@ -127,12 +126,6 @@ def _build(cfg: Config, device: str):
 
 def postprocess(outputs: dict[str, Any], cfg: Config, size: InputSize) -> Any:
     """The inference post-processing of one image whose FLOPs the paper counts (see module doc)."""
-    from hcformer.models.postprocess import (
-        resize_to_original,
-        semantic_inference,
-        upsample_to_input,
-    )
-
     if "sem_logits" in outputs:  # per-pixel models
         logits = upsample_to_input(outputs["sem_logits"][:1], size.padded)
         return resize_to_original(logits[0], size.resized, size.original)
@@ -145,10 +138,6 @@ def postprocess(outputs: dict[str, Any], cfg: Config, size: InputSize) -> Any:
 
 def _count_on(model, cfg: Config, sizes: list[InputSize], device: str) -> tuple[dict, dict]:
     """Weighted-average multiply-adds of the model and of post-processing over ``sizes``."""
-    import torch
-
-    from hcformer.analysis.flops import MacCount, count_macs
-
     total = sum(s.count for s in sizes)
     model_macs, post_macs = MacCount(), MacCount()
     by_padded: dict[tuple[int, int], list[InputSize]] = {}
@@ -182,8 +171,6 @@ def count_flops(cfg: Config, sizes: list[InputSize] | None = None) -> dict[str, 
     except (RuntimeError, NotImplementedError):
         # An op without a meta kernel (or a device-type check): count under FakeTensorMode with
         # uninitialised CPU parameters instead (same shapes, slower).
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         device = "fake"
         model = model.to_empty(device="cpu")
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -216,8 +203,6 @@ def measure_latency(
     cfg: Config, size: InputSize, *, device: str = "cpu", warmup: int = 2, repeats: int = 5
 ) -> float:
     """Median milliseconds of model + post-processing of one image (real tensors)."""
-    import torch
-
     model = _build(cfg, "cpu").to(device)
     generator = torch.Generator().manual_seed(0)
     images = (torch.rand((1, 3, *size.padded), generator=generator) * 255).to(device)
@@ -261,8 +246,6 @@ def profile_table(
 ) -> dict[str, Any]:
     """Profile every buildable row of a table (``rows``: only these labels). ``cache`` (experiment
     id -> result) may be shared between calls of the same scale to count each model once."""
-    import torch
-
     table = load_table(table_id)
     labels = [r.label for r in table.rows]
     unknown = [label for label in rows or [] if label not in labels]
@@ -355,37 +338,3 @@ def format_table(result: dict[str, Any]) -> str:
         out.append("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
                              for i, (c, w) in enumerate(zip(line, widths))))  # fmt: skip
     return "\n".join(out)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer profile",
-        description="Parameters, GFLOPs (fvcore convention, post-processing included) and "
-        "latency of a paper table's rows, beside the paper's numbers.",
-    )
-    parser.add_argument("--table", required=True, help="table id, e.g. table5 or tableII")
-    parser.add_argument("--scale", default="paper", help=f"{', '.join(scales())} (default paper)")
-    parser.add_argument("--out", type=Path, help="write the JSON here")
-    parser.add_argument("--rows", nargs="+", metavar="LABEL", help="only these row labels")
-    parser.add_argument("--latency", action="store_true", help="also time model + post-processing")
-    parser.add_argument("--device", default="cpu", help="device for --latency (default cpu)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats for --latency")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats: expected an integer >= 1, got {args.repeats}")
-    result = profile_table(
-        args.table,
-        args.scale,
-        rows=args.rows,
-        latency=args.latency,
-        device=args.device,
-        repeats=args.repeats,
-        log=lambda msg: print(msg, file=sys.stderr),
-    )
-    print(format_table(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.out)
-    return 0
