@@ -318,14 +318,17 @@ def local_similarity_backward(
     return d_fine, d_coarse
 
 
+def _empty_grad(t: torch.Tensor, needed: bool, same_format: bool = True) -> torch.Tensor:
+    """The fake kernels' gradient of input ``t``: an empty tensor when not ``needed``, else t's
+    shape in t's memory format (``same_format``) or contiguous."""
+    if not needed:
+        return t.new_empty(0)
+    return _empty_nchw(t, t.shape, same_format and _channels_last(t))
+
+
 @local_similarity_backward.register_fake
 def _(grad, fine, coarse, need_fine, need_coarse):
-    d_fine, d_coarse = fine.new_empty(0), coarse.new_empty(0)
-    if need_fine:
-        d_fine = _empty_nchw(fine, fine.shape, _channels_last(fine))
-    if need_coarse:
-        d_coarse = _empty_nchw(coarse, coarse.shape, _channels_last(coarse))
-    return d_fine, d_coarse
+    return _empty_grad(fine, need_fine), _empty_grad(coarse, need_coarse)
 
 
 @torch.library.custom_op("hcformer::local_decode", mutates_args=())
@@ -416,12 +419,7 @@ def _live_channels_backward(
 
 @local_decode_backward.register_fake
 def _(grad, x, weights, need_x, need_weights):
-    d_x, d_w = x.new_empty(0), weights.new_empty(0)
-    if need_x:
-        d_x = _empty_nchw(x, x.shape, _channels_last(x))
-    if need_weights:
-        d_w = weights.new_empty(weights.shape)
-    return d_x, d_w
+    return _empty_grad(x, need_x), _empty_grad(weights, need_weights, same_format=False)
 
 
 def _save_inputs(ctx, inputs, output) -> None:
@@ -503,14 +501,8 @@ def local_assignment_backward(
 
 @local_assignment_backward.register_fake
 def _(grad, assignment, fine, coarse, scale, need_fine, need_coarse, need_scale):
-    d_fine, d_coarse, d_scale = fine.new_empty(0), coarse.new_empty(0), scale.new_empty(0)
-    if need_fine:
-        d_fine = _empty_nchw(fine, fine.shape, _channels_last(fine))
-    if need_coarse:
-        d_coarse = _empty_nchw(coarse, coarse.shape, _channels_last(coarse))
-    if need_scale:
-        d_scale = scale.new_empty(scale.shape)
-    return d_fine, d_coarse, d_scale
+    d_scale = scale.new_empty(scale.shape) if need_scale else scale.new_empty(0)
+    return _empty_grad(fine, need_fine), _empty_grad(coarse, need_coarse), d_scale
 
 
 def _save_inputs_and_output(ctx, inputs, output) -> None:

@@ -60,14 +60,20 @@ ASSIGNMENT_BACKWARD_TILE = (32, 32, 8)
 
 
 @triton.jit
+def _tile(pid, rows, cols, BLOCK: tl.constexpr):
+    """Program ``pid``'s image b and its tile of BLOCK positions (y, x) in a rows x cols map, row
+    after row (in_p: the position is in the map)."""
+    blocks = tl.cdiv(rows * cols, BLOCK)
+    b = (pid // blocks).to(tl.int64)
+    p = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
+    in_p = p < rows * cols
+    return b, p // cols, p % cols, in_p
+
+
+@triton.jit
 def _neighbourhood(pid, H, W, h, w, BLOCK_P: tl.constexpr, KPAD: tl.constexpr):
     """Program ``pid``'s image b, tile of fine pixels (y, x) and their candidate cells (cy, cx)."""
-    blocks = tl.cdiv(H * W, BLOCK_P)
-    b = (pid // blocks).to(tl.int64)
-    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = p < H * W
-    y = p // W
-    x = p % W
+    b, y, x, in_p = _tile(pid, H, W, BLOCK_P)
     k = tl.arange(0, KPAD)
     cy = y[:, None] // 2 + k[None, :] // 3 - 1  # [P, K]
     cx = x[:, None] // 2 + k[None, :] % 3 - 1
@@ -76,42 +82,27 @@ def _neighbourhood(pid, H, W, h, w, BLOCK_P: tl.constexpr, KPAD: tl.constexpr):
 
 
 @triton.jit
-def _dot_candidates(
-    fine,
-    coarse,
-    C,
-    b,
-    y,
-    x,
-    in_p,
-    cy,
-    cx,
-    inside,
-    s_fb,
-    s_fc,
-    s_fh,
-    s_fw,
-    s_cb,
-    s_cc,
-    s_ch,
-    s_cw,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    KPAD: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def _store_channels(o_ptr, c, s_oc, value, in_p, in_c):
+    """Store ``value`` [P, C] at ``o_ptr`` [P] + channel ``c`` * ``s_oc``, in the output dtype."""
+    mask = in_p[:, None] & in_c[None, :]
+    tl.store(o_ptr[:, None] + c[None, :] * s_oc, value.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot_candidates(fine, coarse, C, nb, s_f, s_c, BLOCK_P, BLOCK_C: tl.constexpr, KPAD, ACC):
     """[P, K]: <fine[b, :, y, x], coarse[b, :, cy_k, cx_k]> over the channels, in blocks."""
-    f_ptr = fine + b * s_fb + y * s_fh + x * s_fw  # [P]
-    c_ptr = coarse + b * s_cb + cy * s_ch + cx * s_cw  # [P, K]
+    b, y, x, in_p, k, cy, cx, inside = nb
+    f_ptr = fine + b * s_f[0] + y * s_f[2] + x * s_f[3]  # [P]
+    c_ptr = coarse + b * s_c[0] + cy * s_c[2] + cx * s_c[3]  # [P, K]
     acc = tl.zeros([BLOCK_P, KPAD], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         in_c = c < C
         f = tl.load(
-            f_ptr[:, None] + c[None, :] * s_fc, mask=in_p[:, None] & in_c[None, :], other=0.0
+            f_ptr[:, None] + c[None, :] * s_f[1], mask=in_p[:, None] & in_c[None, :], other=0.0
         )
         q = tl.load(
-            c_ptr[:, :, None] + c[None, None, :] * s_cc,
+            c_ptr[:, :, None] + c[None, None, :] * s_c[1],
             mask=inside[:, :, None] & in_c[None, None, :],
             other=0.0,
         )
@@ -120,121 +111,50 @@ def _dot_candidates(
 
 
 @triton.jit
-def _combine_candidates(
-    src,
-    out,
-    wk,
-    C,
-    b,
-    y,
-    x,
-    in_p,
-    cy,
-    cx,
-    inside,
-    s_sb,
-    s_sc,
-    s_sh,
-    s_sw,
-    s_ob,
-    s_oc,
-    s_oh,
-    s_ow,
-    BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def _combine_candidates(src, out, wk, C, nb, s_s, s_o, BLOCK_C: tl.constexpr, ACC):
     """out[b, :, y, x] = sum_k wk[:, k] src[b, :, cy_k, cx_k] (wk [P, K] in ACC), in blocks."""
-    s_ptr = src + b * s_sb + cy * s_sh + cx * s_sw  # [P, K]
-    o_ptr = out + b * s_ob + y * s_oh + x * s_ow  # [P]
+    b, y, x, in_p, k, cy, cx, inside = nb
+    s_ptr = src + b * s_s[0] + cy * s_s[2] + cx * s_s[3]  # [P, K]
+    o_ptr = out + b * s_o[0] + y * s_o[2] + x * s_o[3]  # [P]
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         in_c = c < C
         q = tl.load(
-            s_ptr[:, :, None] + c[None, None, :] * s_sc,
+            s_ptr[:, :, None] + c[None, None, :] * s_s[1],
             mask=inside[:, :, None] & in_c[None, None, :],
             other=0.0,
         )
-        r = tl.sum(wk[:, :, None] * q.to(ACC), axis=1)  # [P, C]
-        tl.store(
-            o_ptr[:, None] + c[None, :] * s_oc,
-            r.to(out.dtype.element_ty),
-            mask=in_p[:, None] & in_c[None, :],
-        )
+        _store_channels(o_ptr, c, s_o[1], tl.sum(wk[:, :, None] * q.to(ACC), axis=1), in_p, in_c)
 
 
 @triton.jit
-def _similarity_kernel(
-    fine,
-    coarse,
-    out,
-    C,
-    H,
-    W,
-    h,
-    w,
-    s_fb,
-    s_fc,
-    s_fh,
-    s_fw,
-    s_cb,
-    s_cc,
-    s_ch,
-    s_cw,
-    s_ob,
-    s_ok,
-    s_oh,
-    s_ow,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    KPAD: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    b, y, x, in_p, k, cy, cx, inside = _neighbourhood(tl.program_id(0), H, W, h, w, BLOCK_P, KPAD)
-    acc = _dot_candidates(
-        fine, coarse, C, b, y, x, in_p, cy, cx, inside,
-        s_fb, s_fc, s_fh, s_fw, s_cb, s_cc, s_ch, s_cw, BLOCK_P, BLOCK_C, KPAD, ACC,
-    )  # fmt: skip
-    o_ptr = out + b * s_ob + k[None, :] * s_ok + (y * s_oh + x * s_ow)[:, None]
-    tl.store(o_ptr, acc.to(out.dtype.element_ty), mask=in_p[:, None] & (k[None, :] < 9))
+def _logits_kernel(fine, coarse, scale, out, C, H, W, h, w, s_f, s_c, s_o, EPS: tl.constexpr,
+                   SOFTMAX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                   KPAD: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """S of eq. (3) before the softmax or, if SOFTMAX, eq. (3) whole: the softmax over the
+    candidates inside the map of S / (EPS + |s|) (``scale`` is read only then)."""
+    nb = _neighbourhood(tl.program_id(0), H, W, h, w, BLOCK_P, KPAD)
+    b, y, x, in_p, k, cy, cx, inside = nb
+    out_k = _dot_candidates(fine, coarse, C, nb, s_f, s_c, BLOCK_P, BLOCK_C, KPAD, ACC)
+    if SOFTMAX:
+        z = out_k / (EPS + tl.abs(tl.load(scale).to(ACC)))
+        z = tl.where(inside, z, float("-inf"))  # outside the map (and the padding lanes): weight 0
+        top = tl.where(in_p, tl.max(z, axis=1), 0.0)  # the parent (k = 4) is always inside
+        e = tl.exp(z - top[:, None])
+        total = tl.where(in_p, tl.sum(e, axis=1), 1.0)
+        out_k = e / total[:, None]
+    o_ptr = out + b * s_o[0] + k[None, :] * s_o[1] + (y * s_o[2] + x * s_o[3])[:, None]
+    tl.store(o_ptr, out_k.to(out.dtype.element_ty), mask=in_p[:, None] & (k[None, :] < 9))
 
 
 @triton.jit
-def _gather_kernel(
-    src,
-    weights,
-    out,
-    C,
-    H,
-    W,
-    h,
-    w,
-    s_sb,
-    s_sc,
-    s_sh,
-    s_sw,
-    s_wb,
-    s_wk,
-    s_wh,
-    s_ww,
-    s_ob,
-    s_oc,
-    s_oh,
-    s_ow,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def _gather_kernel(src, weights, out, C, H, W, h, w, s_s, s_w, s_o, BLOCK_P: tl.constexpr,
+                   BLOCK_C: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     # The 9 candidates one after the other on [pixels, channels] tiles (no padded candidate
     # axis); each weight is re-read per channel block, from the cache.
-    blocks = tl.cdiv(H * W, BLOCK_P)
-    pid = tl.program_id(0)
-    b = (pid // blocks).to(tl.int64)
-    p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_p = p < H * W
-    y = p // W
-    x = p % W
-    w_ptr = weights + b * s_wb + y * s_wh + x * s_ww  # [P]
-    o_ptr = out + b * s_ob + y * s_oh + x * s_ow  # [P]
+    b, y, x, in_p = _tile(tl.program_id(0), H, W, BLOCK_P)
+    w_ptr = weights + b * s_w[0] + y * s_w[2] + x * s_w[3]  # [P]
+    o_ptr = out + b * s_o[0] + y * s_o[2] + x * s_o[3]  # [P]
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         in_c = c < C
@@ -243,107 +163,23 @@ def _gather_kernel(
             cy = y // 2 + (k // 3 - 1)
             cx = x // 2 + (k % 3 - 1)
             ok = in_p & (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
-            wk = tl.load(w_ptr + k * s_wk, mask=in_p, other=0.0).to(ACC)
+            wk = tl.load(w_ptr + k * s_w[1], mask=in_p, other=0.0).to(ACC)
             q = tl.load(
-                src + b * s_sb + (cy * s_sh + cx * s_sw)[:, None] + c[None, :] * s_sc,
+                src + b * s_s[0] + (cy * s_s[2] + cx * s_s[3])[:, None] + c[None, :] * s_s[1],
                 mask=ok[:, None] & in_c[None, :],
                 other=0.0,
             )
             acc += wk[:, None] * q.to(ACC)
-        tl.store(
-            o_ptr[:, None] + c[None, :] * s_oc,
-            acc.to(out.dtype.element_ty),
-            mask=in_p[:, None] & in_c[None, :],
-        )
+        _store_channels(o_ptr, c, s_o[1], acc, in_p, in_c)
 
 
 @triton.jit
-def _assignment_kernel(
-    fine,
-    coarse,
-    scale,
-    out,
-    C,
-    H,
-    W,
-    h,
-    w,
-    s_fb,
-    s_fc,
-    s_fh,
-    s_fw,
-    s_cb,
-    s_cc,
-    s_ch,
-    s_cw,
-    s_ob,
-    s_ok,
-    s_oh,
-    s_ow,
-    EPS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    KPAD: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """Eq. (3): softmax over the candidates inside the map of cosine / (EPS + |s|)."""
-    b, y, x, in_p, k, cy, cx, inside = _neighbourhood(tl.program_id(0), H, W, h, w, BLOCK_P, KPAD)
-    acc = _dot_candidates(
-        fine, coarse, C, b, y, x, in_p, cy, cx, inside,
-        s_fb, s_fc, s_fh, s_fw, s_cb, s_cc, s_ch, s_cw, BLOCK_P, BLOCK_C, KPAD, ACC,
-    )  # fmt: skip
-    z = acc / (EPS + tl.abs(tl.load(scale).to(ACC)))
-    z = tl.where(inside, z, float("-inf"))  # outside the map (and the padding lanes): weight 0
-    top = tl.where(in_p, tl.max(z, axis=1), 0.0)  # the parent (k = 4) is always inside
-    e = tl.exp(z - top[:, None])
-    total = tl.where(in_p, tl.sum(e, axis=1), 1.0)
-    o_ptr = out + b * s_ob + k[None, :] * s_ok + (y * s_oh + x * s_ow)[:, None]
-    a = e / total[:, None]
-    tl.store(o_ptr, a.to(out.dtype.element_ty), mask=in_p[:, None] & (k[None, :] < 9))
-
-
-@triton.jit
-def _assignment_backward_kernel(
-    grad,
-    assignment,
-    coarse,
-    scale,
-    d_fine,
-    d_logits,
-    d_scale_partial,
-    C,
-    H,
-    W,
-    h,
-    w,
-    s_gb,
-    s_gk,
-    s_gh,
-    s_gw,
-    s_ab,
-    s_ak,
-    s_ah,
-    s_aw,
-    s_cb,
-    s_cc,
-    s_ch,
-    s_cw,
-    s_db,
-    s_dc,
-    s_dh,
-    s_dw,
-    s_lb,
-    s_lk,
-    s_lh,
-    s_lw,
-    EPS: tl.constexpr,
-    NEED_FINE: tl.constexpr,
-    NEED_LOGITS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    KPAD: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def _assignment_backward_kernel(grad, assignment, coarse, scale, d_fine, d_logits,
+                                d_scale_partial, C, H, W, h, w, s_g, s_a, s_c, s_d, s_l,
+                                EPS: tl.constexpr, NEED_FINE: tl.constexpr,
+                                NEED_LOGITS: tl.constexpr, BLOCK_P: tl.constexpr,
+                                BLOCK_C: tl.constexpr, KPAD: tl.constexpr,
+                                ACC: tl.constexpr):  # fmt: skip
     """Backward of eq. (3): dS (stored if NEED_LOGITS), d fine = gather(coarse, dS), d s partial.
 
     z = S / (EPS + |s|), a = softmax(z): dz = a (g - <a, g>), dS = dz / (EPS + |s|) and
@@ -351,12 +187,13 @@ def _assignment_backward_kernel(
     log a_k = z_k - logsumexp(z) and sum_k dz_k = 0 (a_k = 0: no term, dz_k = 0 there).
     """
     pid = tl.program_id(0)
-    b, y, x, in_p, k, cy, cx, inside = _neighbourhood(pid, H, W, h, w, BLOCK_P, KPAD)
+    nb = _neighbourhood(pid, H, W, h, w, BLOCK_P, KPAD)
+    b, y, x, in_p, k, cy, cx, inside = nb
     valid = in_p[:, None] & (k[None, :] < 9)
-    pix = (y * s_ah + x * s_aw)[:, None]
-    a = tl.load(assignment + b * s_ab + k[None, :] * s_ak + pix, mask=valid, other=0.0).to(ACC)
-    pix = (y * s_gh + x * s_gw)[:, None]
-    g = tl.load(grad + b * s_gb + k[None, :] * s_gk + pix, mask=valid, other=0.0).to(ACC)
+    pix = (y * s_a[2] + x * s_a[3])[:, None]
+    a = tl.load(assignment + b * s_a[0] + k[None, :] * s_a[1] + pix, mask=valid, other=0.0).to(ACC)
+    pix = (y * s_g[2] + x * s_g[3])[:, None]
+    g = tl.load(grad + b * s_g[0] + k[None, :] * s_g[1] + pix, mask=valid, other=0.0).to(ACC)
     s = tl.load(scale).to(ACC)
     denominator = EPS + tl.abs(s)
     dz = a * (g - tl.sum(a * g, axis=1)[:, None])
@@ -366,60 +203,29 @@ def _assignment_backward_kernel(
     tl.store(d_scale_partial + pid, -sign * dz_z / denominator)
     ds = dz / denominator
     if NEED_LOGITS:
-        pix = (y * s_lh + x * s_lw)[:, None]
+        pix = (y * s_l[2] + x * s_l[3])[:, None]
         tl.store(
-            d_logits + b * s_lb + k[None, :] * s_lk + pix,
+            d_logits + b * s_l[0] + k[None, :] * s_l[1] + pix,
             ds.to(d_logits.dtype.element_ty),
             mask=valid,
         )
     if NEED_FINE:
-        _combine_candidates(
-            coarse, d_fine, ds, C, b, y, x, in_p, cy, cx, inside,
-            s_cb, s_cc, s_ch, s_cw, s_db, s_dc, s_dh, s_dw, BLOCK_C, ACC,
-        )  # fmt: skip
+        _combine_candidates(coarse, d_fine, ds, C, nb, s_c, s_d, BLOCK_C, ACC)
 
 
 @triton.jit
-def _scatter_kernel(
-    src,
-    weights,
-    out,
-    C,
-    H,
-    W,
-    h,
-    w,
-    s_sb,
-    s_sc,
-    s_sh,
-    s_sw,
-    s_wb,
-    s_wk,
-    s_wh,
-    s_ww,
-    s_ob,
-    s_oc,
-    s_oh,
-    s_ow,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    blocks = tl.cdiv(h * w, BLOCK_M)
-    pid = tl.program_id(0)
-    b = (pid // blocks).to(tl.int64)
-    m = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_m = m < h * w
-    cy = m // w
-    cx = m % w
+def _scatter_kernel(src, weights, out, C, H, W, h, w, s_s, s_w, s_o, BLOCK_P: tl.constexpr,
+                    BLOCK_C: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    # A program owns a tile of BLOCK_P coarse cells.
+    b, cy, cx, in_m = _tile(tl.program_id(0), h, w, BLOCK_P)
     child = tl.arange(0, 4)
-    s_base = src + b * s_sb
-    w_base = weights + b * s_wb
-    o_ptr = out + b * s_ob + cy * s_oh + cx * s_ow  # [M]
+    s_base = src + b * s_s[0]
+    w_base = weights + b * s_w[0]
+    o_ptr = out + b * s_o[0] + cy * s_o[2] + cx * s_o[3]  # [M]
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         in_c = c < C
-        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
         # Cell (cy, cx) is candidate k = 3 dy + dx of the children of parent cell
         # (cy - dy + 1, cx - dx + 1).
         for k in tl.static_range(9):
@@ -429,18 +235,14 @@ def _scatter_kernel(
             fy = 2 * py[:, None] + child[None, :] // 2  # [M, 4]
             fx = 2 * px[:, None] + child[None, :] % 2
             ok4 = ok[:, None] & (child[None, :] < 4)
-            wk = tl.load(w_base + k * s_wk + fy * s_wh + fx * s_ww, mask=ok4, other=0.0)
+            wk = tl.load(w_base + k * s_w[1] + fy * s_w[2] + fx * s_w[3], mask=ok4, other=0.0)
             g = tl.load(
-                s_base + (fy * s_sh + fx * s_sw)[:, :, None] + c[None, None, :] * s_sc,
+                s_base + (fy * s_s[2] + fx * s_s[3])[:, :, None] + c[None, None, :] * s_s[1],
                 mask=ok4[:, :, None] & in_c[None, None, :],
                 other=0.0,
             )
             acc += tl.sum(wk.to(ACC)[:, :, None] * g.to(ACC), axis=1)
-        tl.store(
-            o_ptr[:, None] + c[None, :] * s_oc,
-            acc.to(out.dtype.element_ty),
-            mask=in_m[:, None] & in_c[None, :],
-        )
+        _store_channels(o_ptr, c, s_o[1], acc, in_m, in_c)
 
 
 # Whether triton.jit gives interpreted kernels: TRITON_INTERPRET=1 when triton was imported (the
@@ -477,129 +279,61 @@ def _empty(like: torch.Tensor, shape: tuple[int, ...], channels_last: bool) -> t
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def similarity(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-    """S [B, 9, H, W] (contiguous): <fine[:, :, Y, X], coarse[:, :, candidate k of (Y, X)]>."""
+def _logits(fine: torch.Tensor, coarse: torch.Tensor, scale: torch.Tensor | None, dtype, tile):
+    """[B, 9, H, W] (contiguous) of ``_logits_kernel``: S, or the softmax when ``scale`` is given."""
     b, c, hh, ww = fine.shape
     h, w = coarse.shape[2:]
-    out = torch.empty((b, 9, hh, ww), dtype=fine.dtype, device=fine.device)
-    block_p, block_c, warps = SIMILARITY_TILE
+    out = torch.empty((b, 9, hh, ww), dtype=dtype, device=fine.device)
+    block_p, block_c, warps = tile
     grid = b * triton.cdiv(hh * ww, block_p)
+    scale_ptr = out if scale is None else scale  # an unused pointer for S alone
     _launch(
-        _similarity_kernel,
-        grid,
-        fine.device,
-        fine,
-        coarse,
-        out,
-        c,
-        hh,
-        ww,
-        h,
-        w,
-        *fine.stride(),
-        *coarse.stride(),
-        *out.stride(),
-        BLOCK_P=block_p,
-        BLOCK_C=_block_c(c, block_c),
-        KPAD=KPAD,
-        ACC=_acc(fine.dtype),
-        num_warps=warps,
-    )
+        _logits_kernel, grid, fine.device, fine, coarse, scale_ptr, out, c, hh, ww, h, w,
+        fine.stride(), coarse.stride(), out.stride(), EPS=EPS, SOFTMAX=scale is not None,
+        BLOCK_P=block_p, BLOCK_C=_block_c(c, block_c), KPAD=KPAD, ACC=_acc(dtype), num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def similarity(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """S [B, 9, H, W] (contiguous): <fine[:, :, Y, X], coarse[:, :, candidate k of (Y, X)]>."""
+    return _logits(fine, coarse, None, fine.dtype, SIMILARITY_TILE)
+
+
+def _weighted_sum(kernel, src: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, tile):
+    """Launch ``_gather_kernel`` (a program per tile of fine pixels) or ``_scatter_kernel`` (per
+    tile of coarse cells) from ``src`` and ``weights`` into ``out``; returns ``out``."""
+    b, c = src.shape[:2]
+    hh, ww = weights.shape[2:]  # the fine map's size
+    block, block_c, warps = tile
+    grid = b * triton.cdiv(out.shape[2] * out.shape[3], block)
+    _launch(
+        kernel, grid, src.device, src, weights, out, c, hh, ww, hh // 2, ww // 2,
+        src.stride(), weights.stride(), out.stride(),
+        BLOCK_P=block, BLOCK_C=_block_c(c, block_c), ACC=_acc(src.dtype), num_warps=warps,
+    )  # fmt: skip
     return out
 
 
 def gather(src: torch.Tensor, weights: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """out [B, C, H, W] = sum_k weights[:, k] * src[:, :, candidate k], in the requested format."""
-    b, c, h, w = src.shape
-    hh, ww = weights.shape[2:]
-    out = _empty(src, (b, c, hh, ww), channels_last)
-    block_p, block_c, warps = GATHER_TILE_CHANNELS_LAST if channels_last else GATHER_TILE
-    grid = b * triton.cdiv(hh * ww, block_p)
-    _launch(
-        _gather_kernel,
-        grid,
-        src.device,
-        src,
-        weights,
-        out,
-        c,
-        hh,
-        ww,
-        h,
-        w,
-        *src.stride(),
-        *weights.stride(),
-        *out.stride(),
-        BLOCK_P=block_p,
-        BLOCK_C=_block_c(c, block_c),
-        ACC=_acc(src.dtype),
-        num_warps=warps,
-    )
-    return out
+    b, c = src.shape[:2]
+    out = _empty(src, (b, c, *weights.shape[2:]), channels_last)
+    tile = GATHER_TILE_CHANNELS_LAST if channels_last else GATHER_TILE
+    return _weighted_sum(_gather_kernel, src, weights, out, tile)
 
 
 def scatter(fine: torch.Tensor, weights: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """The adjoint of ``gather`` in its first argument: a new [B, C, H/2, W/2]."""
     b, c, hh, ww = fine.shape
-    h, w = hh // 2, ww // 2
-    out = _empty(fine, (b, c, h, w), channels_last)
-    block_m, block_c, warps = SCATTER_TILE
-    grid = b * triton.cdiv(h * w, block_m)
-    _launch(
-        _scatter_kernel,
-        grid,
-        fine.device,
-        fine,
-        weights,
-        out,
-        c,
-        hh,
-        ww,
-        h,
-        w,
-        *fine.stride(),
-        *weights.stride(),
-        *out.stride(),
-        BLOCK_M=block_m,
-        BLOCK_C=_block_c(c, block_c),
-        ACC=_acc(fine.dtype),
-        num_warps=warps,
-    )
-    return out
+    out = _empty(fine, (b, c, hh // 2, ww // 2), channels_last)
+    return _weighted_sum(_scatter_kernel, fine, weights, out, SCATTER_TILE)
 
 
 def assignment(fine: torch.Tensor, coarse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Eq. (3) in one kernel: A [B, 9, H, W] (contiguous), softmax over the candidates inside the
     map of <fine, candidate> / (1e-8 + |scale|); candidates outside the map get exactly 0."""
-    b, c, hh, ww = fine.shape
-    h, w = coarse.shape[2:]
-    out = torch.empty((b, 9, hh, ww), dtype=assignment_dtype(fine.dtype), device=fine.device)
-    block_p, block_c, warps = ASSIGNMENT_TILE
-    grid = b * triton.cdiv(hh * ww, block_p)
-    _launch(
-        _assignment_kernel,
-        grid,
-        fine.device,
-        fine,
-        coarse,
-        scale,
-        out,
-        c,
-        hh,
-        ww,
-        h,
-        w,
-        *fine.stride(),
-        *coarse.stride(),
-        *out.stride(),
-        EPS=EPS,
-        BLOCK_P=block_p,
-        BLOCK_C=_block_c(c, block_c),
-        KPAD=KPAD,
-        ACC=_acc(out.dtype),
-        num_warps=warps,
-    )
-    return out
+    return _logits(fine, coarse, scale, assignment_dtype(fine.dtype), ASSIGNMENT_TILE)
 
 
 def assignment_backward(
@@ -627,35 +361,12 @@ def assignment_backward(
     partial = torch.empty(grid, dtype=acc_dtype, device=a.device)  # d s of each program
     out_fine = d_fine if need_fine else a  # an unused pointer when not needed
     _launch(
-        _assignment_backward_kernel,
-        grid,
-        fine.device,
-        grad,
-        a,
-        coarse,
-        scale,
-        out_fine,
-        d_logits,
-        partial,
-        c,
-        hh,
-        ww,
-        h,
-        w,
-        *grad.stride(),
-        *a.stride(),
-        *coarse.stride(),
-        *(d_fine.stride() if need_fine else (0, 0, 0, 0)),
-        *d_logits.stride(),
-        EPS=EPS,
-        NEED_FINE=need_fine,
-        NEED_LOGITS=need_coarse,
-        BLOCK_P=block_p,
-        BLOCK_C=_block_c(c, block_c),
-        KPAD=KPAD,
-        ACC=_acc(a.dtype),
-        num_warps=warps,
-    )
+        _assignment_backward_kernel, grid, fine.device, grad, a, coarse, scale, out_fine, d_logits,
+        partial, c, hh, ww, h, w, grad.stride(), a.stride(), coarse.stride(),
+        d_fine.stride() if need_fine else (0, 0, 0, 0), d_logits.stride(), EPS=EPS,
+        NEED_FINE=need_fine, NEED_LOGITS=need_coarse, BLOCK_P=block_p,
+        BLOCK_C=_block_c(c, block_c), KPAD=KPAD, ACC=_acc(a.dtype), num_warps=warps,
+    )  # fmt: skip
     d_coarse = scatter(fine, d_logits, _is_channels_last(coarse)) if need_coarse else None
     d_scale = partial.sum().to(scale.dtype).reshape(scale.shape) if need_scale else None
     return (
