@@ -10,11 +10,14 @@ wraps both so every parameter name starts with ``backbone.``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from hcformer.models.position_encoding import PositionEmbeddingSine
-from hcformer.models.transformer_decoder import AttentionLayer, FFNLayer
+from hcformer.models.transformer_decoder import AttentionLayer, FFNLayer, layer_stack, xavier_init
 
 
 class EncoderLayer(nn.Module):
@@ -52,21 +55,29 @@ class TransformerEncoder(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        self.out_channels = d_model
+        layers = functools.partial(
+            layer_stack,
+            EncoderLayer,
+            num_layers,
+            d_model=d_model,
+            nheads=nheads,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+        )
+        self._build(in_channels, d_model, layers)
+
+    def _build(self, in_channels: int, d_model: int, layers: Callable[[], nn.ModuleList]) -> None:
+        """Create ``input_proj``, ``pe_layer`` and ``layers`` (made by calling ``layers``), in the
+        order that draws their random init: here the projection with its GroupNorm, then the
+        layers, then Xavier on every weight matrix."""
         groups = 32 if d_model % 32 == 0 else 1  # GroupNorm(32) at the paper's width
         self.input_proj = nn.Sequential(
             nn.Conv2d(in_channels, d_model, kernel_size=1), nn.GroupNorm(groups, d_model)
         )
         self.pe_layer = PositionEmbeddingSine(num_pos_feats=d_model // 2, normalize=True)
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                d_model=d_model, nheads=nheads, dim_feedforward=dim_feedforward, dropout=dropout
-            )
-            for _ in range(num_layers)
-        )
-        self.out_channels = d_model
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        self.layers = layers()
+        xavier_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_proj(x)

@@ -32,6 +32,7 @@ from hcformer.models.clustering import (
     uses_basis,
 )
 from hcformer.models.encoder import BackboneWithEncoder, TransformerEncoder
+from hcformer.models.pixel_decoder import c2_xavier_fill
 from hcformer.models.position_encoding import PositionEmbeddingSine
 from hcformer.models.transformer_decoder import MaskedAttentionDecoder, StandardDecoder
 
@@ -41,7 +42,41 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 SIZE_DIVISIBILITY = 32
 
 
-class HCFormer(nn.Module):
+class ImageModel(nn.Module):
+    """A model of RGB images in 0..255 (HCFormer, MaskFormer, the per-pixel baselines): the
+    ImageNet statistics as buffers ``pixel_mean`` and ``pixel_std`` [1, 3, 1, 1] (not saved in
+    checkpoints) and :meth:`normalise`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Check ``images`` [B, 3, H, W] (0..255 RGB, H and W multiples of 32), normalise them."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {list(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of {SIZE_DIVISIBILITY}: "
+                "pad the batch to a multiple of 32 first (the data pipeline's job)"
+            )
+        return (images - self.pixel_mean) / self.pixel_std
+
+
+def memory_projection(in_channels: int, hidden_dim: int) -> nn.Module:
+    """The 1x1 conv that makes the transformer decoder's memory from an ``in_channels`` map, as
+    the authors' (Mask2Former's, MaskFormer's) heads: the identity when the map already has the
+    decoder's width (HCFormer+, MaskFormer "+ 6 Enc")."""
+    if in_channels == hidden_dim:
+        return nn.Identity()
+    proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+    c2_xavier_fill(proj)
+    return proj
+
+
+class HCFormer(ImageModel):
     """The HCFormer mask-classification model.
 
     Arguments:
@@ -77,19 +112,11 @@ class HCFormer(nn.Module):
             backbone = BackboneWithEncoder(body=backbone, encoder=encoder)
         self.backbone = backbone
         in_channels = backbone.out_channels["res5"]
-        # As the authors' (Mask2Former's) head: the memory projection is the identity when the
-        # stride-32 map already has the decoder's width (HCFormer+), the mask projection is not.
-        if in_channels != hidden_dim:
-            self.input_proj: nn.Module = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
-            _c2_xavier_fill(self.input_proj)
-        else:
-            self.input_proj = nn.Identity()
-        self.mask_proj = nn.Conv2d(in_channels, mask_dim, kernel_size=1)
-        _c2_xavier_fill(self.mask_proj)
+        self.input_proj = memory_projection(in_channels, hidden_dim)
+        self.mask_proj = nn.Conv2d(in_channels, mask_dim, kernel_size=1)  # never the identity
+        c2_xavier_fill(self.mask_proj)
         self.pe_layer = PositionEmbeddingSine(num_pos_feats=hidden_dim // 2, normalize=True)
         self.decoder = decoder
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
 
     def forward(self, images: torch.Tensor) -> dict:
         """``images`` float [B, 3, H, W] RGB in 0..255, H and W multiples of 32.
@@ -101,16 +128,7 @@ class HCFormer(nn.Module):
         L >= 1 and a small coarse map the sets hold ``mask_coefficients`` and ``mask_basis``
         instead of ``pred_masks`` (``_training_sets``).
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B, 3, H, W], got {list(images.shape)}")
-        h, w = images.shape[-2:]
-        if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
-            raise ValueError(
-                f"image size {h}x{w} is not a multiple of {SIZE_DIVISIBILITY}: "
-                "pad the batch to a multiple of 32 first (the data pipeline's job)"
-            )
-        x = (images - self.pixel_mean) / self.pixel_std
-        out = self.backbone(x)
+        out = self.backbone(self.normalise(images))
         res5 = out.features["res5"]
         src = self.input_proj(res5)
         mask_features = self.mask_proj(res5)
@@ -177,12 +195,6 @@ def set_masks(prediction: dict) -> torch.Tensor:
     if "pred_masks" in prediction:
         return prediction["pred_masks"]
     return masks_from_basis(prediction["mask_coefficients"], prediction["mask_basis"])
-
-
-def _c2_xavier_fill(conv: nn.Conv2d) -> None:
-    """Caffe2's XavierFill as detectron2 uses it: kaiming-uniform with a=1, zero bias."""
-    nn.init.kaiming_uniform_(conv.weight, a=1)
-    nn.init.zeros_(conv.bias)
 
 
 def _check_hcformer(cfg: ModelConfig) -> None:

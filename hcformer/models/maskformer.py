@@ -22,26 +22,13 @@ from hcformer.config import ModelConfig
 from hcformer.errors import ConfigError
 from hcformer.models.backbones import build_backbone
 from hcformer.models.build import check_keys, query_decoder, res5_encoder
-from hcformer.models.hcformer import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY
-from hcformer.models.pixel_decoder import FPNPixelDecoder, PixelDecoderEncoder, c2_xavier_fill
+from hcformer.models.hcformer import ImageModel, memory_projection
+from hcformer.models.pixel_decoder import FPNPixelDecoder, PixelDecoderEncoder
 from hcformer.models.position_encoding import PositionEmbeddingSine
 from hcformer.models.transformer_decoder import StandardDecoder
 
 
-def normalise_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Check ``images`` [B, 3, H, W] (0..255 RGB, H and W multiples of 32) and normalise them."""
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [B, 3, H, W], got {list(images.shape)}")
-    h, w = images.shape[-2:]
-    if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
-        raise ValueError(
-            f"image size {h}x{w} is not a multiple of {SIZE_DIVISIBILITY}: "
-            "pad the batch to a multiple of 32 first (the data pipeline's job)"
-        )
-    return (images - mean) / std
-
-
-class MaskFormer(nn.Module):
+class MaskFormer(ImageModel):
     """The MaskFormer mask-classification model.
 
     Arguments:
@@ -66,15 +53,9 @@ class MaskFormer(nn.Module):
         self.pixel_decoder = pixel_decoder
         encoder = pixel_decoder.encoder
         in_channels = encoder.out_channels if encoder is not None else backbone.out_channels["res5"]
-        if in_channels != hidden_dim:
-            self.input_proj: nn.Module = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
-            c2_xavier_fill(self.input_proj)
-        else:
-            self.input_proj = nn.Identity()
+        self.input_proj = memory_projection(in_channels, hidden_dim)
         self.pe_layer = PositionEmbeddingSine(num_pos_feats=hidden_dim // 2, normalize=True)
         self.decoder = decoder
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
 
     def forward(self, images: torch.Tensor) -> dict:
         """``images`` float [B, 3, H, W] RGB in 0..255, H and W multiples of 32.
@@ -83,7 +64,7 @@ class MaskFormer(nn.Module):
         [B, Q, H/4, W/4], ``aux_outputs`` (training: the earlier layers' predictions; eval:
         ``[]``), ``assignments`` and ``cluster_scales`` (both empty: no clustering modules).
         """
-        out = self.backbone(normalise_images(images, self.pixel_mean, self.pixel_std))
+        out = self.backbone(self.normalise(images))
         mask_features, memory = self.pixel_decoder(out.features)
         src = self.input_proj(memory if memory is not None else out.features["res5"])
         logits, masks = self.decoder(src, self.pe_layer(src), mask_features)  # [S, B, Q, ...]

@@ -38,8 +38,7 @@ from hcformer.config import ModelConfig
 from hcformer.errors import ConfigError
 from hcformer.models.backbones import build_backbone
 from hcformer.models.clustering import decode_masks
-from hcformer.models.hcformer import PIXEL_MEAN, PIXEL_STD
-from hcformer.models.maskformer import normalise_images
+from hcformer.models.hcformer import ImageModel
 from hcformer.models.pixel_decoder import FPNPixelDecoder
 
 PSP_BINS = (1, 2, 3, 6)  # PSPNet's pyramid
@@ -152,7 +151,7 @@ class FPNHead(nn.Module):
         return self.classifier(self.pixel_decoder(features)[0])
 
 
-class PerPixelModel(nn.Module):
+class PerPixelModel(ImageModel):
     """A per-pixel classification model: backbone, head, and decoding through the hierarchy.
 
     Arguments:
@@ -167,8 +166,6 @@ class PerPixelModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.levels_total = levels_total
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
 
     def forward(self, images: torch.Tensor) -> dict:
         """``images`` float [B, 3, H, W] RGB in 0..255, H and W multiples of 32.
@@ -177,7 +174,7 @@ class PerPixelModel(nn.Module):
         the dilated PSPNet/Deeplabv3, 4 for FPN and for every HC version, whose stride-32
         scores are decoded with eq. 5), ``assignments`` (fine to coarse) and ``cluster_scales``.
         """
-        out = self.backbone(normalise_images(images, self.pixel_mean, self.pixel_std))
+        out = self.backbone(self.normalise(images))
         logits = self.head(out.features)
         assignments = list(out.assignments)
         if assignments:

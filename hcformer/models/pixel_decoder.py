@@ -18,13 +18,15 @@ the backbone.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hcformer.models.encoder import EncoderLayer
+from hcformer.models.encoder import TransformerEncoder
 from hcformer.models.position_encoding import PositionEmbeddingSine
+from hcformer.models.transformer_decoder import xavier_init
 
 FEATURES = ("res2", "res3", "res4", "res5")
 
@@ -51,56 +53,21 @@ def conv_gn(in_channels: int, out_channels: int, kernel_size: int, *, relu: bool
     return nn.Sequential(*layers)
 
 
-class PixelDecoderEncoder(nn.Module):
+class PixelDecoderEncoder(TransformerEncoder):
     """The transformer encoder of MaskFormer's ``TransformerEncoderPixelDecoder`` on res5.
 
-    A 1x1 input projection (with bias, no norm: unlike the HCFormer+ encoder, which adds a
-    GroupNorm), the normalised sine position added to queries and keys, then ``num_layers``
-    post-norm DETR encoder layers (the layers are :class:`hcformer.models.encoder.EncoderLayer`).
-
-    Arguments:
-      in_channels: channels of res5 (2048 R50/R101).
-      d_model: width of the encoder and its output (256).
-      num_layers: encoder layers (6: "R50 + 6 Enc").
-      nheads: attention heads (8).
-      dim_feedforward: FFN width (2048).
-      dropout: dropout of attention and FFN (0.1).
+    The HCFormer+ encoder (:class:`hcformer.models.encoder.TransformerEncoder`: same arguments,
+    layers and forward; defaults d 256, 6 layers "R50 + 6 Enc", 8 heads, FFN 2048, dropout 0.1)
+    but for its input projection, a 1x1 conv with bias and no norm, and MaskFormer's init order:
+    the layers first (Xavier), then the projection (Caffe2 Xavier).
     """
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        d_model: int = 256,
-        num_layers: int = 6,
-        nheads: int = 8,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                d_model=d_model, nheads=nheads, dim_feedforward=dim_feedforward, dropout=dropout
-            )
-            for _ in range(num_layers)
-        )
-        for p in self.layers.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+    def _build(self, in_channels: int, d_model: int, layers: Callable[[], nn.ModuleList]) -> None:
+        self.layers = layers()
+        xavier_init(self.layers)
         self.input_proj = nn.Conv2d(in_channels, d_model, kernel_size=1)
         c2_xavier_fill(self.input_proj)
         self.pe_layer = PositionEmbeddingSine(num_pos_feats=d_model // 2, normalize=True)
-        self.out_channels = d_model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, in_channels, h, w] -> [B, d_model, h, w]."""
-        x = self.input_proj(x)
-        b, c, h, w = x.shape
-        pos = self.pe_layer(x).flatten(2).permute(2, 0, 1)
-        src = x.flatten(2).permute(2, 0, 1)  # [hw, B, d]
-        for layer in self.layers:
-            src = layer(src, pos)
-        return src.permute(1, 2, 0).reshape(b, c, h, w)
 
 
 class FPNPixelDecoder(nn.Module):

@@ -88,6 +88,30 @@ class FFNLayer(nn.Module):
         return self.norm(x + self.dropout(out))
 
 
+def layer_stack(
+    layer: type[nn.Module],
+    num_layers: int,
+    *,
+    d_model: int,
+    nheads: int,
+    dim_feedforward: int,
+    dropout: float,
+) -> nn.ModuleList:
+    """``num_layers`` transformer layers of class ``layer``, each with its own parameters."""
+    return nn.ModuleList(
+        layer(d_model=d_model, nheads=nheads, dim_feedforward=dim_feedforward, dropout=dropout)
+        for _ in range(num_layers)
+    )
+
+
+def xavier_init(module: nn.Module) -> None:
+    """Xavier-uniform init of every weight matrix of ``module``, in parameter order (DETR's and
+    Mask2Former's ``_reset_parameters``); biases and norms keep their defaults."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
 class MaskedDecoderLayer(nn.Module):
     """One Mask2Former decoder layer: masked cross-attention, self-attention, FFN."""
 
@@ -141,38 +165,16 @@ def attention_mask(mask_logits: torch.Tensor, nheads: int) -> torch.Tensor:
     return masked.repeat_interleave(nheads, dim=0)
 
 
-class _PredictionHeads(nn.Module):
-    """Class head Linear(d, K+1) and the mask embedding MLP; masks by eq. (4)."""
+class _QueryDecoder(nn.Module):
+    """What both decoders share: the class head Linear(d, K+1) and the mask embedding MLP (masks
+    by eq. 4), the subclass's query embeddings (``_add_queries``), ``num_layers`` layers of class
+    ``layer_type`` and the final LayerNorm, created in that order (the order of the random
+    init), the layers' weight matrices Xavier-initialised.
 
-    def __init__(self, *, hidden_dim: int, num_classes: int, mask_dim: int) -> None:
-        super().__init__()
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.mask_embed = MLP(
-            in_dim=hidden_dim, hidden_dim=hidden_dim, out_dim=mask_dim, num_layers=3
-        )
-
-    def predict(
-        self, queries: torch.Tensor, mask_features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``queries`` [..., B, Q, d] (normed), ``mask_features`` [B, D, h, w] -> logits, masks."""
-        logits = self.class_embed(queries)
-        masks = torch.einsum("...bqc,bchw->...bqhw", self.mask_embed(queries), mask_features)
-        return logits, masks
-
-
-class MaskedAttentionDecoder(_PredictionHeads):
-    """Mask2Former's masked-attention decoder on one (stride-32) feature map.
-
-    Arguments:
-      hidden_dim: width d of the queries and the memory (256).
-      num_classes: K; the class head predicts K + 1 logits (the last is "no object").
-      num_queries: Q, the number of learnable queries.
-      num_layers: decoder layers (8 in the paper; ``num_layers + 1`` prediction sets).
-      nheads: attention heads (8).
-      dim_feedforward: FFN width (2048).
-      dropout: dropout of attention and FFN (0).
-      mask_dim: width of the mask embeddings and mask features (256).
+    Arguments as :class:`MaskedAttentionDecoder`.
     """
+
+    layer_type: type[nn.Module]
 
     def __init__(
         self,
@@ -186,23 +188,57 @@ class MaskedAttentionDecoder(_PredictionHeads):
         dropout: float = 0.0,
         mask_dim: int = 256,
     ) -> None:
-        super().__init__(hidden_dim=hidden_dim, num_classes=num_classes, mask_dim=mask_dim)
+        super().__init__()
         self.nheads = nheads
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(
+            in_dim=hidden_dim, hidden_dim=hidden_dim, out_dim=mask_dim, num_layers=3
+        )
+        self._add_queries(num_queries, hidden_dim)
+        self.layers = layer_stack(
+            self.layer_type,
+            num_layers,
+            d_model=hidden_dim,
+            nheads=nheads,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        xavier_init(self.layers)
+
+    def _add_queries(self, num_queries: int, hidden_dim: int) -> None:
+        raise NotImplementedError
+
+    def predict(
+        self, queries: torch.Tensor, mask_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``queries`` [..., B, Q, d] (normed), ``mask_features`` [B, D, h, w] -> logits, masks."""
+        logits = self.class_embed(queries)
+        masks = torch.einsum("...bqc,bchw->...bqhw", self.mask_embed(queries), mask_features)
+        return logits, masks
+
+
+class MaskedAttentionDecoder(_QueryDecoder):
+    """Mask2Former's masked-attention decoder on one (stride-32) feature map.
+
+    Arguments:
+      hidden_dim: width d of the queries and the memory (256).
+      num_classes: K; the class head predicts K + 1 logits (the last is "no object").
+      num_queries: Q, the number of learnable queries.
+      num_layers: decoder layers (8 in the paper; ``num_layers + 1`` prediction sets).
+      nheads: attention heads (8).
+      dim_feedforward: FFN width (2048).
+      dropout: dropout of attention and FFN (0).
+      mask_dim: width of the mask embeddings and mask features (256).
+    """
+
+    layer_type = MaskedDecoderLayer
+
+    def _add_queries(self, num_queries: int, hidden_dim: int) -> None:
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         # One feature level: the level embedding acts as a learned bias on the memory.
         self.level_embed = nn.Embedding(1, hidden_dim)
-        self.layers = nn.ModuleList(
-            MaskedDecoderLayer(
-                d_model=hidden_dim, nheads=nheads, dim_feedforward=dim_feedforward, dropout=dropout
-            )
-            for _ in range(num_layers)
-        )
-        self.decoder_norm = nn.LayerNorm(hidden_dim)
-        for layer in self.layers:
-            for p in layer.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
 
     def _heads(
         self, tgt: torch.Tensor, mask_features: torch.Tensor
@@ -239,38 +275,17 @@ class MaskedAttentionDecoder(_PredictionHeads):
         return torch.stack(all_logits), torch.stack(all_masks)
 
 
-class StandardDecoder(_PredictionHeads):
+class StandardDecoder(_QueryDecoder):
     """DETR's decoder as in MaskFormer (Table III): no masked attention.
 
     Arguments as :class:`MaskedAttentionDecoder`; ``num_layers`` prediction sets, one per layer.
     The queries start at zero and the learned ``query_embed`` is their position.
     """
 
-    def __init__(
-        self,
-        *,
-        hidden_dim: int,
-        num_classes: int,
-        num_queries: int,
-        num_layers: int,
-        nheads: int,
-        dim_feedforward: int,
-        dropout: float = 0.0,
-        mask_dim: int = 256,
-    ) -> None:
-        super().__init__(hidden_dim=hidden_dim, num_classes=num_classes, mask_dim=mask_dim)
+    layer_type = DETRDecoderLayer
+
+    def _add_queries(self, num_queries: int, hidden_dim: int) -> None:
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.layers = nn.ModuleList(
-            DETRDecoderLayer(
-                d_model=hidden_dim, nheads=nheads, dim_feedforward=dim_feedforward, dropout=dropout
-            )
-            for _ in range(num_layers)
-        )
-        self.decoder_norm = nn.LayerNorm(hidden_dim)
-        for layer in self.layers:
-            for p in layer.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
 
     def forward(
         self, src: torch.Tensor, pos: torch.Tensor, mask_features: torch.Tensor
