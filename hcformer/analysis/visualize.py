@@ -27,7 +27,7 @@ IGNORE = 255
 
 
 def load_visual(path: Path) -> dict[str, Any]:
-    """An npz of ``hcformer evaluate`` (keys documented in hcformer/engine/evaluate.py):
+    """An npz of ``hcformer evaluate`` (keys documented in hcformer/evaluation/formats.py):
     ``image`` [H,W,3] uint8, ``clusters`` [L,H,W] (row i = level i + 1, after i + 1 clustering
     steps down from stride 32; the last row is the finest), ``pred`` [H,W] and ``gt`` [H,W]
     (255 = no segment / ignore)."""

@@ -11,6 +11,11 @@
   (:mod:`hcformer.evaluation.undersegmentation`).
 
 Every score is in percent, as the paper prints them.
+
+The evaluation of a run folder feeds these through task objects: one class per metric
+(:mod:`hcformer.evaluation.metrics`: ``add(pred, target)`` per image, ``finish() -> dict``), the
+metrics of each task listed in :data:`hcformer.evaluation.tasks.TASK_METRICS`, the files they
+write in :mod:`hcformer.evaluation.formats`.
 """
 
 from __future__ import annotations
