@@ -28,7 +28,7 @@ from hcformer.data.base import (
     read_json,
     require_dir,
 )
-from hcformer.data.coco_panoptic import parse_categories
+from hcformer.data.coco_panoptic import image_fields, parse_categories
 from hcformer.errors import DataError
 
 
@@ -101,17 +101,13 @@ class COCOInstanceDataset(Dataset):
         entries = []
         for j, img in enumerate(images):
             at = f"{where}: images[{j}]"
-            image_id = field_of(img, "id", at, (int, str))
-            file_name = field_of(img, "file_name", at, str)
+            fields = image_fields(img, at, image_dir)
             entries.append(
                 ImageEntry(
-                    image_id=image_id,
-                    file_name=file_name,
-                    stem=Path(file_name).stem,
-                    image_path=image_dir / file_name,
+                    **fields,
                     height=field_of(img, "height", at, int),
                     width=field_of(img, "width", at, int),
-                    extra={"annotations": anns.get(image_id, [])},
+                    extra={"annotations": anns.get(fields["image_id"], [])},
                 )
             )
         super().__init__(

@@ -58,6 +58,19 @@ def parse_categories(raw: Any, where: str) -> list[dict[str, Any]]:
     return cats
 
 
+def image_fields(img: Any, at: str, image_dir: Path) -> dict[str, Any]:
+    """The :class:`ImageEntry` fields of a COCO ``images`` record ``img`` (``at`` names it in
+    errors): ``image_id``, ``file_name``, its ``stem`` and ``image_path`` in ``image_dir``."""
+    image_id = field_of(img, "id", at, (int, str))
+    file_name = field_of(img, "file_name", at, str)
+    return {
+        "image_id": image_id,
+        "file_name": file_name,
+        "stem": Path(file_name).stem,
+        "image_path": image_dir / file_name,
+    }
+
+
 def panoptic_paths(root: Path, split: str) -> tuple[Path, Path]:
     """The panoptic JSON and PNG folder of ``split`` under ``root``."""
     root = Path(root)
@@ -129,19 +142,15 @@ class COCOPanopticDataset(Dataset):
             by_image[field_of(ann, "image_id", f"{where}: annotations[{j}]", (int, str))] = ann
         entries = []
         for j, img in enumerate(images):
-            at = f"{where}: images[{j}]"
-            image_id = field_of(img, "id", at, (int, str))
-            file_name = field_of(img, "file_name", at, str)
+            fields = image_fields(img, f"{where}: images[{j}]", image_dir)
+            image_id = fields["image_id"]
             if image_id not in by_image:
                 raise DataError(f"{where}: image {image_id} has no entry in 'annotations'")
             ann = by_image[image_id]
             png = field_of(ann, "file_name", f"{where}: annotation of image {image_id}", str)
             entries.append(
                 ImageEntry(
-                    image_id=image_id,
-                    file_name=file_name,
-                    stem=Path(file_name).stem,
-                    image_path=image_dir / file_name,
+                    **fields,
                     label_path=gt_dir / png,
                     height=img.get("height"),
                     width=img.get("width"),
