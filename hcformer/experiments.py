@@ -64,6 +64,7 @@ VARIED_KEYS = (
 TABLE_KEYS = {"title", "dataset", "columns", "defaults", "figure", "rows"}
 COLUMN_KEYS = {"kind", "latex", "plain", "axis", "scale"}
 COLUMN_KINDS = ("metric", "profile", "setting")
+PAPER_TABLE_KEYS = {"source", "rows"}  # a table of paper_values.yaml
 
 ROW_KEYS = {"label", "set", "quoted", "source", "requires", "schedule", "runs"}
 RUN_KEYS = {"dataset", "metric", "set", "schedule"}
@@ -189,6 +190,14 @@ def _paper_values(root: Path) -> dict[str, dict[str, Any]]:
     data = load_yaml(path).get("tables")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a 'tables' mapping of table id -> rows")
+    for table_id, table in data.items():
+        unknown = set(_mapping(table, f"{path}: tables.{table_id}")) - PAPER_TABLE_KEYS
+        if unknown:
+            raise ConfigError(
+                f"{path}: tables.{table_id}: unknown keys {sorted(unknown)}; the file holds the "
+                f"paper's numbers and their source only ({', '.join(sorted(PAPER_TABLE_KEYS))}): "
+                f"a table's title and columns live in tables/{table_id}.yaml"
+            )
     return data
 
 
@@ -359,12 +368,25 @@ def _load_tables(root: Path) -> tuple[Table, ...]:
                     f"{path}: row {row['label']!r} has no values in paper_values.yaml table "
                     f"{table_id}; labels there: {', '.join(paper_rows)}"
                 )
+            given = set(paper_rows[row["label"]]) - {"label"}
+            if given != set(tdata["columns"]):
+                raise ConfigError(
+                    f"{root / 'paper_values.yaml'}: table {table_id}, row {row['label']!r}: "
+                    f"values of {sorted(given)}; expected one for each column of {path.name}: "
+                    f"{', '.join(tdata['columns'])} (null where the paper prints '-')"
+                )
             for run in row["runs"]:
                 if run.dataset not in datasets:
                     raise ConfigError(
                         f"{path}: row {row['label']!r}: dataset {run.dataset!r} is not one of "
                         f"{datasets}"
                     )
+        orphans = [label for label in paper_rows if label not in labels]
+        if orphans:
+            raise ConfigError(
+                f"{root / 'paper_values.yaml'}: table {table_id}: rows {orphans} have no row in "
+                f"{path}"
+            )
         parsed_tables.append((table_id, path, tdata, paper_rows, rows))
 
     # Ids come from the paper-scale configs of all tables at once (collisions need them all).

@@ -40,21 +40,50 @@ def test_every_row_has_paper_values_and_every_value_has_its_row():
     paper = yaml.safe_load((ROOT / "paper_values.yaml").read_text())["tables"]
     assert set(paper) == set(PAPER_TABLES)
     for table in ex.load_tables():
-        table_yaml = yaml.safe_load(table.path.read_text())
-        assert table_yaml["columns"] == paper[table.id]["columns"], table.id
+        # Numbers and their source only: the title and columns are the table YAML's.
+        assert set(paper[table.id]) == {"source", "rows"}, table.id
+        assert paper[table.id]["source"].startswith("arXiv:2205.09949v3, Table "), table.id
         labels = [r["label"] for r in paper[table.id]["rows"]]
         assert [r.label for r in table.rows] == labels, table.id
         for row, values in zip(table.rows, paper[table.id]["rows"], strict=True):
+            assert set(values) == {"label", *table.columns}, (table.id, row.label)
             assert row.values == {c: values[c] for c in table.columns}
             # A row is quoted, or trained, or both (table III's MaskFormer).
             assert row.quoted or row.runs, (table.id, row.label)
-            assert values["ours"] or row.quoted or table.id.startswith("tableI_"), row.label
 
 
 def test_row_without_paper_values_is_an_error(copy_root: Path):
     path = copy_root / "tables" / "table5.yaml"
     path.write_text(path.read_text().replace("HCFormer R50 L2", "HCFormer R50 L9"))
     with pytest.raises(ConfigError, match=r"table5.yaml: row 'HCFormer R50 L9' has no values"):
+        ex.load_tables(copy_root)
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("  table5:\n", "  table5:\n    title: Hierarchy level\n",
+         r"paper_values.yaml: tables.table5: unknown keys \['title'\]; the file holds the paper's "
+         r"numbers and their source only \(rows, source\): a table's title and columns live in "
+         r"tables/table5.yaml"),
+        ('{label: "HCFormer R50 L0", hierarchy_level: 0, pq: 41.9, gflops: 82, params_m: 37}',
+         '{label: "HCFormer R50 L0", hierarchy_level: 0, pq: 41.9, params_m: 37, ap: 1.0}',
+         r"paper_values.yaml: table table5, row 'HCFormer R50 L0': values of \['ap', "
+         r"'hierarchy_level', 'params_m', 'pq'\]; expected one for each column of table5.yaml: "
+         r"hierarchy_level, pq, gflops, params_m \(null where the paper prints '-'\)"),
+        ('      - {label: "HCFormer R50 L3", hierarchy_level: 3, pq: 47.7, gflops: 87, params_m: 38}\n',
+         '      - {label: "HCFormer R50 L3", hierarchy_level: 3, pq: 47.7, gflops: 87, params_m: 38}\n'
+         '      - {label: "HCFormer R50 L4", hierarchy_level: 4, pq: 1.0, gflops: 1, params_m: 1}\n',
+         r"paper_values.yaml: table table5: rows \['HCFormer R50 L4'\] have no row in .*table5.yaml"),
+    ],
+)  # fmt: skip
+def test_paper_values_hold_each_columns_number_and_nothing_else(
+    copy_root: Path, old: str, new: str, message: str
+):
+    path = copy_root / "paper_values.yaml"
+    assert path.read_text().count(old) == 1
+    path.write_text(path.read_text().replace(old, new))
+    with pytest.raises(ConfigError, match=message):
         ex.load_tables(copy_root)
 
 
