@@ -228,8 +228,8 @@ class Trainer:
         return state
 
     def resume(self) -> None:
-        from hcformer.engine.checkpoint import PREV, latest_checkpoint, load_checkpoint
-        from hcformer.runfolder import CHECKPOINTS
+        from hcformer.engine.checkpoint import latest_checkpoint, load_checkpoint
+        from hcformer.runfolder import CHECKPOINTS, PREV_CHECKPOINT
 
         path = latest_checkpoint(self.run_dir / CHECKPOINTS)
         if path is None:
@@ -237,8 +237,8 @@ class Trainer:
         try:
             state = load_checkpoint(path)
         except HCFormerError:
-            prev = path.with_name(PREV)
-            if path.name == PREV or not prev.is_file():
+            prev = path.with_name(PREV_CHECKPOINT)
+            if path.name == PREV_CHECKPOINT or not prev.is_file():
                 raise
             state = load_checkpoint(prev)
             if self.dist.is_main:
