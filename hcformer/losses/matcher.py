@@ -14,6 +14,8 @@ by image (:func:`assign`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -147,7 +149,14 @@ class HungarianMatcher(nn.Module):
     ) -> list[Tensor | None]:
         """Per image, the ``[Q, N]`` cost of one prediction set (``None`` for an image without
         targets); each image with targets draws ``num_points`` uniform points from its own
-        generator, shared by its queries and targets. Arguments as :meth:`forward`."""
+        generator, shared by its queries and targets.
+
+        Arguments:
+          pred_logits: ``[B, Q, K+1]``; pred_masks: ``[B, Q, h, w]``, or ``[B, Q, C]``
+            coefficients over ``mask_basis`` ``[B, C, h, w]``.
+          targets: per image ``{"labels": [N], "masks": [N, H, W]}``.
+          generators: one per image.
+        """
         counts = [int(t["labels"].shape[0]) for t in targets]
         if not any(counts):
             return [None] * len(targets)
@@ -181,34 +190,15 @@ class HungarianMatcher(nn.Module):
         return cost
 
     @torch.no_grad()
-    def forward(
-        self,
-        pred_logits: Tensor,
-        pred_masks: Tensor,
-        targets: list[dict[str, Tensor]],
-        generators: list[torch.Generator],
-        *,
-        mask_basis: Tensor | None = None,
-    ) -> list[tuple[Tensor, Tensor]]:
+    def forward(self, *batch: Any, **options: Any) -> list[tuple[Tensor, Tensor]]:
         """Per image, ``(query indices, target indices)`` (host int64) of the optimal
-        assignment of one prediction set.
-
-        Arguments:
-          pred_logits: ``[B, Q, K+1]``; pred_masks: ``[B, Q, h, w]``, or ``[B, Q, C]``
-            coefficients over ``mask_basis`` ``[B, C, h, w]``.
-          targets: per image ``{"labels": [N], "masks": [N, H, W]}``.
-          generators: one per image.
-        """
-        costs = self.cost_matrices(
-            pred_logits, pred_masks, targets, generators, mask_basis=mask_basis
-        )
+        assignment of one prediction set; arguments as :meth:`cost_matrices`."""
+        empty = np.zeros(0, dtype=np.int64)
         result = []
-        for cost in costs:
-            if cost is None:
-                empty = torch.zeros(0, dtype=torch.int64)
-                result.append((empty, empty.clone()))
-                continue
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        for cost in self.cost_matrices(*batch, **options):
+            rows, cols = (
+                (empty, empty) if cost is None else linear_sum_assignment(cost.cpu().numpy())
+            )
             result.append(
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
             )
