@@ -21,14 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from hcformer.data.base import (
-    IGNORE_LABEL,
-    Dataset,
-    ImageEntry,
-    check_size,
-    read_label_png,
-    require_dir,
-)
+from hcformer.data.base import IGNORE_LABEL, ImageEntry, LabelMapDataset, require_dir
 from hcformer.errors import DataError
 
 SPLITS = {"train": "training", "val": "validation"}
@@ -96,9 +89,8 @@ def label_to_train_ids(label: np.ndarray, num_classes: int, path: Path | str = "
     return out.astype(np.uint8)
 
 
-class ADE20KDataset(Dataset):
+class ADE20KDataset(LabelMapDataset):
     name = "ade20k"
-    task = "semantic"
 
     def __init__(self, root: Path, split: str) -> None:
         base = ade_root(root)
@@ -126,13 +118,5 @@ class ADE20KDataset(Dataset):
         )
         self.gt_dir = label_dir
 
-    def load_target(self, entry: ImageEntry, size: tuple[int, int]) -> dict[str, Any]:
-        label = read_label_png(entry.label_path)
-        check_size(entry.label_path, label.shape, size, "the label")
-        return {"sem_seg": label_to_train_ids(label, self.num_classes, entry.label_path)}
-
-    def load_sem_seg(self, i: int) -> np.ndarray:
-        entry = self.entries[i]
-        return label_to_train_ids(
-            read_label_png(entry.label_path), self.num_classes, entry.label_path
-        )
+    def train_ids(self, label: np.ndarray, path: Path) -> np.ndarray:
+        return label_to_train_ids(label, self.num_classes, path)

@@ -183,6 +183,26 @@ class Dataset:
         raise NotImplementedError
 
 
+class LabelMapDataset(Dataset):
+    """A semantic dataset whose target is one label PNG per image (``ImageEntry.label_path``),
+    in the dataset's own values, mapped to train ids by :meth:`train_ids` (ADE20K, Cityscapes)."""
+
+    task = "semantic"
+
+    def train_ids(self, label: np.ndarray, path: Path) -> np.ndarray:
+        """The dataset's label values of the file ``path`` as train ids (255 = ignore)."""
+        raise NotImplementedError
+
+    def load_target(self, entry: ImageEntry, size: tuple[int, int]) -> dict[str, Any]:
+        label = read_label_png(entry.label_path)
+        check_size(entry.label_path, label.shape, size, "the label")
+        return {"sem_seg": self.train_ids(label, entry.label_path)}
+
+    def load_sem_seg(self, i: int) -> np.ndarray:
+        path = self.entries[i].label_path
+        return self.train_ids(read_label_png(path), path)
+
+
 # --------------------------------------------------------------------------------------
 # File helpers with errors that name the file.
 

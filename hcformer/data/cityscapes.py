@@ -17,14 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hcformer.data.base import (
-    IGNORE_LABEL,
-    Dataset,
-    ImageEntry,
-    check_size,
-    read_label_png,
-    require_dir,
-)
+from hcformer.data.base import IGNORE_LABEL, ImageEntry, LabelMapDataset, require_dir
 from hcformer.errors import DataError
 
 # (name, label id, train id, has instances, colour): the official table (labels.py).
@@ -91,9 +84,8 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
     return LABEL_TO_TRAIN[label_ids.astype(np.uint8)]
 
 
-class CityscapesDataset(Dataset):
+class CityscapesDataset(LabelMapDataset):
     name = "cityscapes"
-    task = "semantic"
 
     def __init__(self, root: Path, split: str) -> None:
         root = Path(root)
@@ -123,10 +115,5 @@ class CityscapesDataset(Dataset):
         )
         self.gt_dir = gt_dir
 
-    def load_target(self, entry: ImageEntry, size: tuple[int, int]) -> dict[str, Any]:
-        label = read_label_png(entry.label_path)
-        check_size(entry.label_path, label.shape, size, "the label")
-        return {"sem_seg": label_ids_to_train_ids(label)}
-
-    def load_sem_seg(self, i: int) -> np.ndarray:
-        return label_ids_to_train_ids(read_label_png(self.entries[i].label_path))
+    def train_ids(self, label: np.ndarray, path: Path) -> np.ndarray:
+        return label_ids_to_train_ids(label)
