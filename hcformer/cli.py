@@ -21,7 +21,7 @@ from hcformer.errors import HCFormerError
 # name -> (module, one-line help). Every module defines ``main(argv: list[str]) -> int``.
 # fmt: off
 COMMANDS: dict[str, tuple[str, str]] = {
-    "experiments": ("hcformer.experiments", "list the experiments of the paper's tables"),
+    "experiments": ("hcformer.commands.experiments", "list the experiments of the paper's tables"),
     "profile": ("hcformer.commands.profile", "parameters, GFLOPs and latency of a table's rows"),
     "synth-data": ("hcformer.commands.synth_data", "write a synthetic dataset in a real format"),
     "prepare-data": ("hcformer.commands.prepare_data", "make an unzipped official dataset readable"),
@@ -34,13 +34,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("hcformer.engine.evaluate", "evaluate a run folder, write metrics.json"),
     "run": ("hcformer.launch.run", "train then evaluate one (experiment, seed) via a launcher"),
     "campaign": ("hcformer.launch.campaign", "snakemake, after unlocking a dead campaign"),
-    "sync-mlflow": ("hcformer.tracking.sync", "mirror run folders into MLflow"),
+    "sync-mlflow": ("hcformer.commands.sync_mlflow", "mirror run folders into MLflow"),
     "aggregate": ("hcformer.analysis.aggregate", "medians over seeds into a CSV"),
     "tables": ("hcformer.analysis.tables", "LaTeX tables, macros and provenance"),
     "figures": ("hcformer.analysis.figures", "ablation figures"),
     "visualize": ("hcformer.commands.visualize", "the Fig. 5-style hierarchy view of a run"),
     "report": ("hcformer.analysis.report", "the README summary of a results tree"),
-    "status": ("hcformer.analysis.status", "where a campaign stands, per table"),
+    "status": ("hcformer.commands.status", "where a campaign stands, per table"),
     "budget": ("hcformer.commands.budget", "GPU-hours of a campaign before submitting"),
     "benchmark-train": ("hcformer.commands.benchmark_train", "seconds per training iteration on this GPU"),
 }

@@ -17,21 +17,21 @@ it. Its id is derived from the paper-scale resolved config, e.g.
 ``coco_panoptic/hcformer-r50-L3-D8-Q100``: readable, scale-independent, and unique (names that
 would collide get a short hash of the config appended).
 
-``hcformer experiments [--table ID] [--scale S] [--json]`` lists them. This module imports only
-``hcformer.config``, ``hcformer.families`` and ``hcformer.errors`` (no torch): the Snakefile and
-the submitting process import it.
+``hcformer experiments [--table ID] [--scale S] [--json]`` lists them
+(:mod:`hcformer.commands.experiments`). This module imports only ``hcformer.config``,
+``hcformer.families`` and ``hcformer.errors`` (no torch): the Snakefile and the submitting
+process import it.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -655,8 +655,6 @@ def get_experiment(exp_id: str, scale: str = "paper", root: str | Path | None = 
     path = Path(root) if root else experiments_dir()
     known = sorted(_uses(path))
     if exp_id not in known:
-        import difflib
-
         close = difflib.get_close_matches(exp_id, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(
@@ -678,44 +676,3 @@ def experiments_for_table(
     experiments = all_experiments(scale, root)
     ids = list(dict.fromkeys(i for row in table.rows for i in row.experiment_ids))
     return [experiments[i] for i in ids]
-
-
-# --------------------------------------------------------------------------------------
-# `hcformer experiments`
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer experiments",
-        description="List the unique experiments of the paper's tables and the rows they feed.",
-    )
-    parser.add_argument("--table", help="only this table (e.g. table5, tableI_a)")
-    parser.add_argument("--scale", default="paper", help=f"{', '.join(scales())} (default paper)")
-    parser.add_argument("--json", action="store_true", help="JSON with the resolved configs")
-    args = parser.parse_args(argv)
-    if args.table:
-        experiments = experiments_for_table(args.table, args.scale)
-    else:
-        experiments = list(all_experiments(args.scale).values())
-    if args.json:
-        out = [
-            {
-                "id": e.id,
-                "dataset": e.dataset,
-                "rows": [list(r) for r in e.rows],
-                "requires": e.requires,
-                "config": to_dict(e.config),
-            }
-            for e in experiments
-        ]
-        json.dump(out, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-        return 0
-    width = max((len(e.id) for e in experiments), default=10)
-    print(f"{'experiment':<{width}}  {'iterations':>10}  rows")
-    for e in experiments:
-        rows = "; ".join(f"{t}: {label}" for t, label in e.rows)
-        needs = f"  [requires {e.requires}]" if e.requires else ""
-        print(f"{e.id:<{width}}  {e.config.solver.iterations:>10}  {rows}{needs}")
-    print(f"{len(experiments)} experiments at scale {args.scale}")
-    return 0

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from hcformer import experiments as ex
+from hcformer.commands import experiments as experiments_command
 from hcformer.config import flatten, to_dict
 from hcformer.errors import ConfigError
 
@@ -383,12 +384,12 @@ def test_unknown_names_list_the_valid_ones():
 
 
 def test_cli_json_and_table(capsys: pytest.CaptureFixture[str]):
-    assert ex.main(["--table", "table5", "--scale", "tiny", "--json"]) == 0
+    assert experiments_command.main(["--table", "table5", "--scale", "tiny", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [d["id"] for d in data] == [f"coco_panoptic/hcformer-r50-L{k}-D8-Q100" for k in range(4)]
     assert data[0]["config"]["solver"]["iterations"] == 300
     assert ["table5", "HCFormer R50 L0"] in data[0]["rows"]
-    assert ex.main(["--table", "tableII"]) == 0
+    assert experiments_command.main(["--table", "tableII"]) == 0
     out = capsys.readouterr().out
     assert "coco_panoptic/hcformer-r50-L1-D8-Q100-nodcn" in out and "7 experiments" in out
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hcformer.commands.sync_mlflow import main as sync_main
 from hcformer.config import Config, to_dict
 from hcformer.errors import ConfigError
 from hcformer.tracking import check_live, ensure_store, method, open_tracker, results_root, store
-from hcformer.tracking.sync import main as sync_main
 
 CONFIG = to_dict(Config())
 STARTED = 1_700_000_000.25  # a run's training start (Unix seconds)

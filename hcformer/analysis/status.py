@@ -14,18 +14,13 @@ whole smoke tree. The table -> experiment mapping comes from :mod:`hcformer.expe
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hcformer.errors import HCFormerError
-from hcformer.experiments import scales
+from hcformer.experiments import load_table, load_tables
 from hcformer.runfolder import (
-    RUNS,
     RunState,
     RunStatus,
     pending_slurm_jobs,
@@ -60,8 +55,6 @@ def campaign_status(
     results: Path, scale: str, seeds: list[int], table_id: str | None = None
 ) -> list[TableStatus]:
     """The status of every paper table (or one), from the run folders under ``results``."""
-    from hcformer.experiments import load_table, load_tables
-
     tables = [load_table(table_id)] if table_id else load_tables()
     needed = {
         t.id: list(dict.fromkeys(i for row in t.rows for i in row.experiment_ids)) for t in tables
@@ -141,34 +134,3 @@ def render(report: dict[str, Any]) -> str:
             if r["last_line"]:
                 lines.append(f"    last line: {r['last_line']}")
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer status",
-        description="Runs done, running, failed and not started, per paper table.",
-    )
-    parser.add_argument(
-        "--results",
-        default="results",
-        help="the results folder (default results; runs under RESULTS/SCALE/runs), or a scale's "
-        "root that holds runs/ itself",
-    )
-    parser.add_argument("--scale", default="smoke", choices=scales())
-    parser.add_argument("--table", help="only this table (e.g. table5)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--json", action="store_true", help="JSON on stdout")
-    args = parser.parse_args(argv)
-    results = Path(args.results)
-    if not (results / RUNS).is_dir():
-        results = results / args.scale
-    if results.exists() and not results.is_dir():
-        raise HCFormerError(f"--results {args.results}: not a folder")
-    tables = campaign_status(results, args.scale, list(args.seeds), args.table)
-    report = to_json(tables, results, args.scale, list(args.seeds))
-    if args.json:
-        json.dump(report, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        print(render(report))
-    return 0

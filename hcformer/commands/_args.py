@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from hcformer.experiments import scales
 
@@ -38,6 +41,19 @@ def add_scale(
     )
 
 
+def add_results(parser: argparse.ArgumentParser) -> None:
+    """``--results DIR`` (required): one scale's results root, the folder that holds ``runs/``,
+    ``aggregate/``, ``tables/`` and ``figures/``."""
+    parser.add_argument(
+        "--results", required=True, help="a scale's results root, e.g. results/smoke"
+    )
+
+
+def add_seeds(parser: argparse.ArgumentParser) -> None:
+    """``--seeds K ...``: the seeds of each experiment (default the paper's three runs, Sec. 4.2)."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+
+
 def add_experiment_or_config(
     parser: argparse.ArgumentParser,
     experiment_help: str = "experiment id (see `hcformer experiments`)",
@@ -62,6 +78,12 @@ def add_overrides(parser: argparse.ArgumentParser) -> None:
 def add_json_out(parser: argparse.ArgumentParser) -> None:
     """``--out FILE`` (required): where the command writes its JSON."""
     parser.add_argument("--out", required=True, help="the JSON file to write")
+
+
+def print_json(data: Any) -> None:
+    """``data`` as indented JSON on stdout, one newline after it."""
+    json.dump(data, sys.stdout, indent=1)
+    sys.stdout.write("\n")
 
 
 def write_output(path: str | Path, text: str) -> Path:

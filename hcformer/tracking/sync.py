@@ -1,7 +1,8 @@
-"""``hcformer sync-mlflow --results DIR [--uri U]``: fill MLflow in from the run folders.
+"""Fill MLflow in from the run folders (``hcformer sync-mlflow``,
+:mod:`hcformer.commands.sync_mlflow`).
 
-The run folders are the source of truth (docs/pipeline.md, "MLflow"). For every run folder under DIR
-(a folder with ``config.yaml``):
+The run folders are the source of truth (docs/pipeline.md, "MLflow"). For every run folder
+under a results tree (a folder with ``config.yaml``):
 
 - with ``metrics.json`` and no MLflow run yet (matched by the ``run_dir`` tag): a FINISHED run
   with params, tags, the training log as per-step metrics, the final metrics and artefacts;
@@ -23,10 +24,9 @@ default store (``<results>/<scale>/mlflow.db``) unless ``MLFLOW_TRACKING_URI`` i
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import sys
+import pwd
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,8 +125,6 @@ def end_time(run_dir: Path, finished: bool) -> float | None:
 
 def file_owner(path: Path) -> str:
     """The user name owning ``path`` ("" when unknown)."""
-    import pwd
-
     try:
         return pwd.getpwuid(path.stat().st_uid).pw_name
     except (OSError, KeyError):
@@ -193,19 +191,3 @@ def sync(results: Path, uri: str = "") -> dict[str, int]:
         outcome = sync_folder(run_dir, target)
         counts[outcome] = counts.get(outcome, 0) + 1
     return counts
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer sync-mlflow", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--results", required=True, help="a results tree (or one run folder)")
-    parser.add_argument("--uri", default="", help="tracking URI (default: each scale's mlflow.db)")
-    args = parser.parse_args(argv)
-    results = Path(args.results)
-    if not results.is_dir():
-        raise HCFormerError(f"--results {results}: no such folder")
-    counts = sync(results, args.uri)
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no run folders"
-    print(f"hcformer sync-mlflow: {summary}", file=sys.stderr)
-    return 0
