@@ -25,7 +25,6 @@ not started is ``missing`` here). Missing runs are marked, never dropped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -34,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from hcformer.errors import HCFormerError
-from hcformer.experiments import Table, scales
+from hcformer.experiments import Table
 from hcformer.runfolder import (
     JOB,
     METRICS,
@@ -47,6 +48,8 @@ from hcformer.runfolder import (
     run_state,
     slurm_states,
 )
+from hcformer.tracking.store import client, local_path
+from hcformer.tracking.tracker import experiment_name
 
 CELL_FIELDS = (
     "table",
@@ -156,15 +159,10 @@ def mlflow_run_ids(uri: str, scale: str, datasets: set[str]) -> dict[str, str]:
     (``{}`` when the store cannot be read: provenance then says so)."""
     if not uri:
         return {}
-    from hcformer.tracking.store import local_path
-
     path = local_path(uri)
     if path is not None and not path.exists():
         return {}  # no store yet (nothing synced): opening it would create it
     try:
-        from hcformer.tracking.store import client
-        from hcformer.tracking.tracker import experiment_name
-
         mlflow = client(uri)
         out: dict[str, str] = {}
         for dataset in sorted(datasets):
@@ -377,8 +375,6 @@ def table_cells(
 
 def write_cells(cells: list[dict[str, Any]], path: Path) -> None:
     """The cells as CSV (``runs`` as JSON text), written to a temporary name and renamed."""
-    import pandas as pd
-
     frame = pd.DataFrame(
         [{**c, "runs": json.dumps(c["runs"]), "paper": _cell_text(c["paper"])} for c in cells],
         columns=list(CELL_FIELDS),
@@ -388,8 +384,6 @@ def write_cells(cells: list[dict[str, Any]], path: Path) -> None:
 
 def read_cells(path: Path) -> list[dict[str, Any]]:
     """The cells written by :func:`write_cells`, with numbers and runs parsed back."""
-    import pandas as pd
-
     path = Path(path)
     if not path.exists():
         raise HCFormerError(
@@ -467,8 +461,6 @@ def write_runs(
     summary_csv: Path | None,
 ) -> None:
     """``runs.csv`` (every expected run) and ``summary.csv`` (medians per experiment, metric)."""
-    import pandas as pd
-
     if runs_csv is not None:
         _write_csv(pd.DataFrame(run_lines(runs, experiments, skipped)), Path(runs_csv))
     if summary_csv is not None:
@@ -480,87 +472,3 @@ def _write_csv(frame: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     frame.to_csv(tmp, index=False)
     tmp.replace(path)
-
-
-# --------------------------------------------------------------------------------------
-# `hcformer aggregate`
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hcformer aggregate",
-        description="Medians over seeds of the run folders: a table's cells, or runs.csv.",
-    )
-    p.add_argument("--results", required=True, help="a scale's results root, e.g. results/smoke")
-    p.add_argument("--scale", required=True, choices=scales())
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--table", help="a paper table id (hcformer experiments lists them)")
-    p.add_argument("--profile", help="the table's `hcformer profile` JSON")
-    p.add_argument("--out", help="the table's cells CSV (default RESULTS/aggregate/TABLE.csv)")
-    p.add_argument("--runs-csv", help="write every run of every table here")
-    p.add_argument("--summary-csv", help="write medians per experiment and metric here")
-    p.add_argument("--skip-requires", nargs="*", default=[], help="parts left out (not_built)")
-    p.add_argument("--mlflow-uri", default="", help="read MLflow run ids from this store")
-    p.add_argument(
-        "--snapshot",
-        nargs="?",
-        const="",
-        metavar="DIR",
-        help="every table, figure and the README from the runs finished so far, waiting for "
-        "none (default DIR: RESULTS/snapshot)",
-    )
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    from hcformer.experiments import all_experiments, load_table
-
-    results = Path(args.results)
-    experiments = all_experiments(args.scale)
-    skipped = {
-        e.id for e in experiments.values() if e.requires and e.requires in args.skip_requires
-    }
-    if args.snapshot is not None:
-        from hcformer.analysis.snapshot import build
-
-        snap = build(
-            results,
-            args.scale,
-            args.seeds,
-            Path(args.snapshot) if args.snapshot else None,
-            args.skip_requires,
-            args.mlflow_uri,
-        )
-        print(snap.summary())
-        for error in snap.errors:
-            print(f"hcformer aggregate: error: snapshot: {error}", file=sys.stderr)
-        return 1 if snap.errors else 0
-    if not args.table and not (args.runs_csv or args.summary_csv):
-        raise HCFormerError(
-            "give --table (a table's cells), --runs-csv/--summary-csv or --snapshot"
-        )
-    datasets = {e.dataset for e in experiments.values()}
-    ids = mlflow_run_ids(args.mlflow_uri, args.scale, datasets)
-    if args.table:
-        table = load_table(args.table)
-        needed = list(dict.fromkeys(i for row in table.rows for i in row.experiment_ids))
-        runs = collect_runs(results, needed, args.seeds, ids)
-        profile_path = Path(args.profile) if args.profile else None
-        cells = table_cells(
-            table, runs, args.seeds, load_profile(profile_path), skipped, str(profile_path or "")
-        )
-        out = Path(args.out) if args.out else results / "aggregate" / f"{args.table}.csv"
-        write_cells(cells, out)
-        counts: dict[str, int] = {}
-        for cell in cells:
-            counts[cell["status"]] = counts.get(cell["status"], 0) + 1
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-        print(f"hcformer aggregate: {args.table}: {len(cells)} cells ({summary}) -> {out}")
-    if args.runs_csv or args.summary_csv:
-        runs = collect_runs(results, sorted(experiments), args.seeds, ids)
-        write_runs(runs, experiments, skipped, args.runs_csv, args.summary_csv)
-        if args.runs_csv:
-            done = sum(r.status == "done" for r in runs.values())
-            print(f"hcformer aggregate: {done} of {len(runs)} runs done -> {args.runs_csv}")
-    return 0

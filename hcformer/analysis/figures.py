@@ -12,12 +12,16 @@ Read from the table's cells
 
 from __future__ import annotations
 
-import argparse
 import textwrap
 from pathlib import Path
 from typing import Any
 
-from hcformer.analysis.aggregate import read_cells
+import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from matplotlib.lines import Line2D
+
 from hcformer.errors import HCFormerError
 from hcformer.experiments import columns, x_columns
 
@@ -71,13 +75,7 @@ def figure_data(cells: list[dict[str, Any]]) -> tuple[str, str | None, list[str]
 
 def draw(cells: list[dict[str, Any]], title: str, scale: str, out_stem: Path) -> list[Path]:
     """Draw the figure of a table's cells into ``<out_stem>.pdf`` and ``.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
+    matplotlib.use("Agg")  # files only: no window, whatever the default backend is
     x_col, _hue_col, metrics, points = figure_data(cells)
     frame = pd.DataFrame(points, columns=["panel", "x", "hue", "value", "what"])
     sns.set_theme(style="whitegrid", context="paper")
@@ -105,8 +103,6 @@ def draw(cells: list[dict[str, Any]], title: str, scale: str, out_stem: Path) ->
             if columns()[x_col].scale == "log2":
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(xs, [str(int(x)) for x in xs])
-    from matplotlib.lines import Line2D
-
     handles = [
         Line2D(
             [], [], color="0.3", marker="o", linestyle="-", label="ours: median (points: seeds)"
@@ -125,26 +121,3 @@ def draw(cells: list[dict[str, Any]], title: str, scale: str, out_stem: Path) ->
         fig.savefig(path, dpi=150)
     plt.close(fig)
     return paths
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer figures",
-        description="Ablation figures (each seed a point, the median a line, the paper beside).",
-    )
-    parser.add_argument(
-        "--results", required=True, help="a scale's results root, e.g. results/smoke"
-    )
-    parser.add_argument("--table", action="append", required=True, help="an ablation table id")
-    parser.add_argument("--scale", help="the scale (default: the results folder's name)")
-    args = parser.parse_args(argv)
-    from hcformer.experiments import load_table
-
-    results = Path(args.results)
-    scale = args.scale or results.name
-    for table_id in args.table:
-        table = load_table(table_id)
-        cells = read_cells(results / "aggregate" / f"{table_id}.csv")
-        for path in draw(cells, table.title, scale, results / "figures" / table_id):
-            print(f"hcformer figures: {path}")
-    return 0

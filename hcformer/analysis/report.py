@@ -9,7 +9,6 @@ each file is.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import time
@@ -189,20 +188,3 @@ def render(results: Path, scale: str, note: str = "") -> str:
         if order:
             lines += ["", *order]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hcformer report", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--results", required=True, help="a scale's results root, e.g. results/smoke"
-    )
-    parser.add_argument("--scale", help="the scale (default: the results folder's name)")
-    parser.add_argument("--out", help="default RESULTS/README.md")
-    args = parser.parse_args(argv)
-    results = Path(args.results)
-    out = Path(args.out) if args.out else results / "README.md"
-    text = render(results, args.scale or results.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"hcformer report: {out}")
-    return 0

@@ -20,20 +20,16 @@ From a table's cells (``hcformer aggregate``; ``<results>/aggregate/<table>.csv`
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from hcformer.analysis.aggregate import read_cells
 from hcformer.errors import HCFormerError
-from hcformer.experiments import columns, scales
+from hcformer.experiments import columns
 
 STATUS_MARKS = {
     "missing": r"\textit{missing}",
@@ -507,64 +503,3 @@ def compile_pdf(tex_files: list[Path], out: Path, title: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(tmp) / "tables.pdf", out)
     return out
-
-
-# --------------------------------------------------------------------------------------
-# `hcformer tables`
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hcformer tables",
-        description="LaTeX tables, provenance, macros and a PDF from the aggregated cells.",
-    )
-    parser.add_argument(
-        "--results", required=True, help="a scale's results root, e.g. results/smoke"
-    )
-    parser.add_argument("--scale", required=True, choices=scales())
-    parser.add_argument(
-        "--table", action="append", default=[], help="write this table (repeatable)"
-    )
-    parser.add_argument(
-        "--macros", action="store_true", help="write RESULTS/macros.tex (all tables)"
-    )
-    parser.add_argument(
-        "--pdf", action="store_true", help="compile RESULTS/tables.pdf (all tables)"
-    )
-    args = parser.parse_args(argv)
-    from hcformer.experiments import load_table, load_tables
-
-    results = Path(args.results)
-    if not (args.table or args.macros or args.pdf):
-        raise HCFormerError("give --table ID, --macros or --pdf")
-    for table_id in args.table:
-        table = load_table(table_id)
-        cells = read_cells(results / "aggregate" / f"{table_id}.csv")
-        _write(
-            results / "tables" / f"{table_id}.tex",
-            render_table(table_id, table.title, cells, args.scale),
-        )
-        prov = provenance(table_id, table.title, cells, args.scale)
-        _write(results / "provenance" / f"{table_id}.json", json.dumps(prov, indent=1) + "\n")
-        print(f"hcformer tables: {results / 'tables' / (table_id + '.tex')}")
-    all_ids = [t.id for t in load_tables()]
-    if args.macros:
-        all_cells = [read_cells(results / "aggregate" / f"{t}.csv") for t in all_ids]
-        _write(results / "macros.tex", render_macros(all_cells, args.scale))
-        print(f"hcformer tables: {results / 'macros.tex'}")
-    if args.pdf:
-        texs = [results / "tables" / f"{t}.tex" for t in all_ids]
-        absent = [str(t) for t in texs if not t.exists()]
-        if absent:
-            raise HCFormerError(f"no table file {absent[0]} (run hcformer tables --table first)")
-        title = f"HCFormer reproduction: every table, scale {args.scale}"
-        compile_pdf(texs, results / "tables.pdf", title)
-        print(f"hcformer tables: {results / 'tables.pdf'}", file=sys.stderr)
-    return 0
