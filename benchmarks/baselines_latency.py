@@ -43,14 +43,10 @@ from typing import Any
 
 import torch
 
+from hcformer.commands._args import add_inference_arguments, inference_options
 from hcformer.config import build_config
 from hcformer.models import build_model
-from hcformer.models.fuse import (
-    InferenceOptions,
-    add_inference_arguments,
-    apply_options,
-    inference_options,
-)
+from hcformer.models.fuse import InferenceOptions, apply_options
 
 R50_COCO = {"name": "resnet50", "pretrained": ""}
 R101 = {"name": "resnet101", "pretrained": ""}

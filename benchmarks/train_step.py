@@ -90,9 +90,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from hcformer.engine.train import Trainer, run_config
+    from hcformer.engine.train import Trainer
+    from hcformer.launch.create import resolve_run
 
-    cfg, info = run_config(
+    cfg, info = resolve_run(
         experiment=args.experiment,
         config_file=None,
         scale=args.scale,

@@ -159,52 +159,51 @@ def pq_cells() -> Callable[[Path], dict[str, dict]]:
 # A stand-in engine for ``hcformer run --engine``
 
 _TRAIN = """
-import argparse, json, os, signal, sys, threading, time
+import json, os, signal, sys, threading, time
 from pathlib import Path
+import yaml
 from . import signals
 
-def main(argv):
-    p = argparse.ArgumentParser()
-    p.add_argument("--experiment"); p.add_argument("--config"); p.add_argument("--scale")
-    p.add_argument("--seed", type=int); p.add_argument("--run-dir")
-    p.add_argument("--set", action="append", default=[])
-    a = p.parse_args(argv)
-    opts = dict(item.split("=", 1) for item in a.set)
-    run = Path(a.run_dir); (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+class Result:
+    def __init__(self, exit_code):
+        self.exit_code = exit_code
+
+def train(run_dir, progress=True):
+    run = Path(run_dir); (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    total = int(yaml.safe_load((run / "config.yaml").read_text())["solver"]["iterations"])
     with open(run / "starts.txt", "a") as fh:
         fh.write(f"{os.getpid()} {os.environ.get('SLURM_RESTART_COUNT', '-')}\\n")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: signals.request_stop())
-    if opts.get("fail") == "1":
+    if os.environ.get("FAKE_ENGINE_FAIL") == "1":
         print("fake-engine: boom, a clear failure", file=sys.stderr)
-        return 3
+        return Result(3)
     last = run / "checkpoints" / "last.pt"
     it = int(last.read_text()) if last.exists() else 0
-    total = int(opts.get("iters", 3))
     while it < total:
-        time.sleep(float(opts.get("sleep", 0)))
+        time.sleep(float(os.environ.get("FAKE_ENGINE_SLEEP", 0)))
         it += 1
         tmp = last.with_suffix(".tmp"); tmp.write_text(str(it)); os.replace(tmp, last)
         with open(run / "train_log.jsonl", "a") as fh:
             fh.write(json.dumps({"iteration": it}) + "\\n")
         if signals.stop_requested() and it < total:
-            return 143
-    return 0
+            return Result(143)
+    return Result(0)
 """
 
 _EVALUATE = """
-import argparse, json, os
+import json, os
 from pathlib import Path
 
-def main(argv):
-    p = argparse.ArgumentParser(); p.add_argument("--run-dir"); a = p.parse_args(argv)
-    run = Path(a.run_dir)
+def evaluate(run_dir, **options):
+    run = Path(run_dir)
     it = int((run / "checkpoints" / "last.pt").read_text())
-    seed = int(run.name.removeprefix("seed"))
+    seed = json.loads((run / "run.json").read_text())["seed"]
+    metrics = {"miou": 40.0 + seed, "pixel_acc": 80.0, "iterations": it}
     tmp = run / ".metrics.tmp"
-    tmp.write_text(json.dumps({"miou": 40.0 + seed, "pixel_acc": 80.0, "iterations": it}))
+    tmp.write_text(json.dumps(metrics))
     os.replace(tmp, run / "metrics.json")
-    return 0
+    return metrics
 """
 
 _SIGNALS = """
@@ -233,12 +232,13 @@ def write_fake_engine() -> Callable[[Path], str]:
     """``write_fake_engine(dir)``: write the package ``fakeengine`` (train, evaluate, signals)
     into ``dir``; returns its name (for ``hcformer run --engine``).
 
-    Its ``train`` counts iterations into ``checkpoints/last.pt`` (a text file), resumes from it,
-    sleeps ``sleep=S`` seconds an iteration (``--set sleep=S``), runs ``iters=N`` iterations
-    (3 by default), stops at the next iteration boundary when asked (``signals.request_stop()``
-    or SIGTERM, exit 143) and fails with ``fail=1`` (exit 3); ``evaluate`` writes
-    ``metrics.json`` (miou 40 + seed). Every start of train appends a line
-    ``<pid> <SLURM_RESTART_COUNT or ->`` to ``starts.txt`` in the run folder."""
+    Its ``train(run_dir)`` reads the created folder's ``config.yaml``, counts its
+    ``solver.iterations`` into ``checkpoints/last.pt`` (a text file), resumes from it, sleeps
+    ``$FAKE_ENGINE_SLEEP`` seconds an iteration, stops at the next iteration boundary when asked
+    (``signals.request_stop()`` or SIGTERM, exit code 143) and fails when ``$FAKE_ENGINE_FAIL``
+    is 1 (exit code 3); ``evaluate(run_dir)`` writes ``metrics.json`` (miou 40 + the seed of
+    ``run.json``). Every start of train appends a line ``<pid> <SLURM_RESTART_COUNT or ->`` to
+    ``starts.txt`` in the run folder."""
     return _write_fake_engine
 
 

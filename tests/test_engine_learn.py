@@ -18,9 +18,11 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from hcformer.engine.evaluate import evaluate
-from hcformer.engine.train import run_config, train
+from hcformer.engine.train import train
+from hcformer.launch.create import create_run
 
 EXPERIMENT = "ade20k/hcformer-r50-L3-D8-Q100"
 MIOU_BAR = 30.0  # percent
@@ -29,19 +31,19 @@ MIOU_BAR = 30.0  # percent
 @pytest.mark.slow
 def test_tiny_scale_learns_synthetic_ade20k(tmp_path):
     # Threads as the environment gives them (2 on the CI machine).
-    cfg, info = run_config(
+    run = create_run(
+        tmp_path / "run",
         experiment=EXPERIMENT,
-        config_file=None,
         scale="tiny",
         seed=0,
         overrides=[f"data.root={tmp_path / 'ade20k'}", "tracking.enabled=false"],
     )
-    assert cfg.solver.iterations == 300 and cfg.solver.batch_size == 6  # the tiny recipe
-    run = tmp_path / "run"
+    solver = yaml.safe_load((run / "config.yaml").read_text())["solver"]
+    assert solver["iterations"] == 300 and solver["batch_size"] == 6  # the tiny recipe
     cpu, wall = time.process_time(), time.perf_counter()
-    result = train(cfg, run, seed=0, info=info, progress=False)
+    result = train(run, progress=False)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    assert result.finished and result.iteration == cfg.solver.iterations
+    assert result.finished and result.iteration == 300
     metrics = evaluate(run)
     print(
         f"tiny scale: miou {metrics['miou']:.1f} after {result.iteration} it, "

@@ -126,9 +126,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 ):
     """loss_dice becomes NaN (or inf) in iteration 4: one clear line, last.pt = iteration 3
     (finite), no metrics.json, the MLflow run FAILED, and the table cell marked failed."""
-    import hcformer.losses as losses
+    import hcformer.engine.train as train_module
 
-    real = losses.build_criterion
+    real = train_module.build_criterion
 
     def nan_from_iteration_4(cfg):
         criterion = real(cfg)
@@ -144,7 +144,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         criterion.forward = poisoned
         return criterion
 
-    monkeypatch.setattr(losses, "build_criterion", nan_from_iteration_4)
+    monkeypatch.setattr(train_module, "build_criterion", nan_from_iteration_4)
     results = tmp_path / "results" / "smoke"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = run_argv(results, data, "solver.iterations=8", f"tracking.uri={uri}")

@@ -20,16 +20,15 @@ import torch
 from torch import nn
 
 from hcformer.analysis.profile import count_flops
+from hcformer.commands._args import add_inference_arguments, inference_options
 from hcformer.experiments import resolve
 from hcformer.models import build_model
 from hcformer.models.dcn import ModulatedDeformConv2d
 from hcformer.models.frozen_bn import FrozenBatchNorm2d
 from hcformer.models.fuse import (
     InferenceOptions,
-    add_inference_arguments,
     apply_options,
     fold_batchnorms,
-    inference_options,
     optimize_for_inference,
 )
 
@@ -227,8 +226,8 @@ def test_hcformer_evaluate_with_the_fast_paths_scores_as_the_plain_model(tmp_pat
     saved (the fused copy is the evaluator's own)."""
     import yaml
 
+    from hcformer.commands.evaluate import main as evaluate_main
     from hcformer.config import merge, to_dict
-    from hcformer.engine.evaluate import main as evaluate_main
 
     cfg = resolve("ade20k/hcformer-r50-L3-D8-Q100", "tiny")
     run = tmp_path / "run"

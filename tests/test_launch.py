@@ -1,11 +1,13 @@
 """``hcformer run`` and its launchers (hcformer.launch), on a stand-in engine.
 
 The stand-in: the ``write_fake_engine`` fixture (tests/conftest.py) writes a package
-``fakeengine`` (train, evaluate, signals) into a folder. Its ``train`` counts iterations into
-``checkpoints/last.pt`` (a text file), resumes from it, sleeps ``sleep=S`` seconds an iteration,
-stops at the next iteration boundary when asked (``signals.request_stop()`` or SIGTERM) and fails
-with ``fail=1``; ``evaluate`` writes ``metrics.json``. Every start of train appends a line to
-``starts.txt`` in the run folder.
+``fakeengine`` (train, evaluate, signals) into a folder. ``hcformer run`` creates each run folder
+(the smoke config of a real experiment: 6 iterations unless ``--set solver.iterations=N``); the
+stand-in's ``train(run_dir)`` counts the folder's iterations into ``checkpoints/last.pt`` (a text
+file), resumes from it, sleeps ``$FAKE_ENGINE_SLEEP`` seconds an iteration, stops at the next
+iteration boundary when asked (``signals.request_stop()`` or SIGTERM) and fails when
+``$FAKE_ENGINE_FAIL`` is 1; ``evaluate(run_dir)`` writes ``metrics.json``. Every start of train
+appends a line to ``starts.txt`` in the run folder.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import pytest
 
 from hcformer import cli
 from hcformer.errors import HCFormerError
+from hcformer.launch.create import create_run
 from hcformer.launch.executors import SlurmOptions
 from hcformer.launch.job import RunJob, RunSpec
 from hcformer.runfolder import read_job
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_EXP = "ade20k/hcformer-r50-L3-D8-Q100"  # a registry id: its smoke config makes the folder
 
 
 @pytest.fixture
@@ -49,18 +53,18 @@ def engine(tmp_path, monkeypatch, write_fake_engine):
 
 
 def _run(engine, results, *extra):
-    argv = ["run", "--experiment", "ade20k/fake-exp", "--scale", "smoke", "--results", str(results)]
+    argv = ["run", "--experiment", REAL_EXP, "--scale", "smoke", "--results", str(results)]
     return cli.main([*argv, "--engine", engine, "--poll-s", "0.2", *extra])
 
 
 def _subprocess(engine, results, *extra, **kw):
-    cmd = [sys.executable, "-m", "hcformer.cli", "run", "--experiment", "ade20k/fake-exp"]
+    cmd = [sys.executable, "-m", "hcformer.cli", "run", "--experiment", REAL_EXP]
     cmd += ["--scale", "smoke", "--results", str(results), "--engine", engine, "--poll-s", "0.2"]
     return subprocess.Popen([*cmd, *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def _run_dir(results, seed):
-    return Path(results) / "runs" / "ade20k" / "fake-exp" / f"seed{seed}"
+    return Path(results) / "runs" / REAL_EXP / f"seed{seed}"
 
 
 def test_inline_batches_seeds_in_one_process(engine, tmp_path):
@@ -69,6 +73,9 @@ def test_inline_batches_seeds_in_one_process(engine, tmp_path):
     for seed in (0, 1, 2):
         run = _run_dir(results, seed)
         assert json.loads((run / "metrics.json").read_text())["miou"] == 40.0 + seed
+        # Created before the job: the resolved smoke config and who the run is.
+        assert json.loads((run / "run.json").read_text())["seed"] == seed
+        assert "solver:" in (run / "config.yaml").read_text()
         job = read_job(run)
         assert job["launcher"] == "inline" and job["state"] == "done"
         assert job["pid"] == os.getpid() and job["attempt"] == 1
@@ -98,12 +105,13 @@ def test_local_launcher_runs_a_job_and_records_it(engine, tmp_path):
     assert job["host"] == socket.gethostname() and job["pid"] != os.getpid()
     assert (run / "starts.txt").read_text().split()[0] != str(os.getpid())  # another process
     assert Path(job["folder"]) == run / "jobs"
-    assert json.loads((run / "metrics.json").read_text())["iterations"] == 3
+    assert json.loads((run / "metrics.json").read_text())["iterations"] == 6  # smoke's
 
 
-def test_failed_job_fails_with_its_log_tail(engine, tmp_path, capsys):
+def test_failed_job_fails_with_its_log_tail(engine, tmp_path, capsys, monkeypatch):
     results = tmp_path / "results"
-    code = _run(engine, results, "--seed", "0", "--launcher", "local", "--set", "fail=1")
+    monkeypatch.setenv("FAKE_ENGINE_FAIL", "1")
+    code = _run(engine, results, "--seed", "0", "--launcher", "local")
     err = capsys.readouterr().err
     assert code == 1
     assert "job" in err and "failed" in err
@@ -112,8 +120,9 @@ def test_failed_job_fails_with_its_log_tail(engine, tmp_path, capsys):
     assert not (_run_dir(results, 0) / "metrics.json").exists()
 
 
-def test_failed_inline_run_is_one_line_exit_2(engine, tmp_path, capsys):
-    code = _run(engine, tmp_path / "r", "--seed", "0", "--set", "fail=1")
+def test_failed_inline_run_is_one_line_exit_2(engine, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_ENGINE_FAIL", "1")
+    code = _run(engine, tmp_path / "r", "--seed", "0")
     err = capsys.readouterr().err
     assert code == 2
     assert "hcformer train exited with status 3" in err.splitlines()[-1]
@@ -140,29 +149,20 @@ def test_a_live_lock_stops_a_second_run(engine, tmp_path, capsys):
     assert (run / "metrics.json").exists() and not (run / ".lock").exists()
 
 
-def test_rerun_reattaches_to_the_live_job(engine, tmp_path):
+def test_rerun_reattaches_to_the_live_job(engine, tmp_path, monkeypatch):
     """The waiting process dies; its job lives on; a rerun waits on that job, never resubmits."""
     results = tmp_path / "results"
     run = _run_dir(results, 0)
-    first = _subprocess(
-        engine,
-        results,
-        "--seed",
-        "0",
-        "--launcher",
-        "local",
-        "--set",
-        "sleep=0.5",
-        "--set",
-        "iters=8",
-    )
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "0.5")
+    iterations = ("--set", "solver.iterations=8")
+    first = _subprocess(engine, results, "--seed", "0", "--launcher", "local", *iterations)
     deadline = time.time() + 60
     while not (run / "starts.txt").exists() and time.time() < deadline:
         time.sleep(0.1)
     job = read_job(run)
     os.kill(first.pid, signal.SIGKILL)  # the waiter, not its job
     first.wait()
-    second = _subprocess(engine, results, "--seed", "0", "--launcher", "local")
+    second = _subprocess(engine, results, "--seed", "0", "--launcher", "local", *iterations)
     _, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
     assert f"re-attached to job {job['job_id']}" in err
@@ -171,13 +171,14 @@ def test_rerun_reattaches_to_the_live_job(engine, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["iterations"] == 8
 
 
-def test_checkpoint_asks_the_engine_to_save_then_resubmits(engine, tmp_path):
+def test_checkpoint_asks_the_engine_to_save_then_resubmits(engine, tmp_path, monkeypatch):
     """submitit's preemption path: checkpoint() stops training at an iteration boundary and
     returns a resubmission of the same runs, which resumes from last.pt."""
     run = tmp_path / "seed0"
-    spec = RunSpec(
-        "ade20k/fake-exp", "smoke", 0, str(run), ["sleep=0.2", "iters=50"], engine=engine
-    )
+    overrides = ["solver.iterations=50", "tracking.enabled=false"]
+    create_run(run, experiment=REAL_EXP, scale="smoke", seed=0, overrides=overrides)
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "0.2")
+    spec = RunSpec(REAL_EXP, "smoke", 0, str(run), overrides, engine=engine)
     job = RunJob([spec], threaded=True)
     outcome: list = []
     caller = threading.Thread(target=lambda: outcome.append(job()))
@@ -194,7 +195,7 @@ def test_checkpoint_asks_the_engine_to_save_then_resubmits(engine, tmp_path):
 
     sig._STOP.clear()
     assert delayed.function.specs == [spec]
-    spec.overrides = ["iters=50"]
+    monkeypatch.setenv("FAKE_ENGINE_SLEEP", "0")
     assert delayed.function() == ["done"]
     iterations = [json.loads(line)["iteration"] for line in (run / "train_log.jsonl").open()]
     assert iterations == list(range(1, 51))  # no iteration redone, none skipped
@@ -228,9 +229,6 @@ def test_the_waiting_process_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) < 100_000  # KiB
-
-
-REAL_EXP = "ade20k/hcformer-r50-L3-D8-Q100"  # a registry id: the slurm launcher reads its resources
 
 
 def _path_without_slurm(*first: Path) -> str:

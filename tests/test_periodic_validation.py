@@ -15,7 +15,8 @@ import torch
 from hcformer.engine import evaluate as evaluate_module
 from hcformer.engine import signals
 from hcformer.engine.evaluate import evaluate
-from hcformer.engine.train import Progress, duration, run_config, train
+from hcformer.engine.train import Progress, duration, train
+from hcformer.launch.create import create_run, resolve_run
 
 torch.set_num_threads(1)
 
@@ -23,8 +24,8 @@ EXPERIMENT = "ade20k/hcformer-r50-L3-D8-Q100"
 ITERATIONS = 6
 
 
-def config(data: Path, uri: str = ""):
-    overrides = [
+def overrides(data: Path, uri: str = "") -> list[str]:
+    return [
         f"data.root={data}",
         "data.synthetic.train_images=12",
         "data.synthetic.val_images=4",
@@ -35,9 +36,12 @@ def config(data: Path, uri: str = ""):
         "solver.checkpoint_every=2",
         f"tracking.uri={uri}" if uri else "tracking.enabled=false",
     ]
-    return run_config(
-        experiment=EXPERIMENT, config_file=None, scale="smoke", seed=0, overrides=overrides
-    )
+
+
+def make_run(run: Path, data: Path, uri: str = "", *extra: str) -> Path:
+    """The run folder of the smoke experiment on ``data`` (``extra``: more overrides)."""
+    sets = [*overrides(data, uri), *extra]
+    return create_run(run, experiment=EXPERIMENT, scale="smoke", seed=0, overrides=sets)
 
 
 def log_lines(run: Path) -> list[dict]:
@@ -58,9 +62,8 @@ def reference(data, tmp_path_factory):
     """One uninterrupted run with live MLflow logging, then its evaluation."""
     work = tmp_path_factory.mktemp("reference")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    cfg, info = config(data, uri)
-    run = work / "run"
-    result = train(cfg, run, seed=0, info=info)
+    run = make_run(work / "run", data, uri)
+    result = train(run)
     assert result.finished
     return run, uri
 
@@ -114,8 +117,7 @@ def test_a_run_stopped_at_a_validation_resumes_without_repeating_or_losing_it(
     """Stopped during the validation at 4 (the stop request cuts it short): the resumed run
     validates 4 first. Stopped right after it: the checkpoint at 4 keeps its line and the
     resumed run does not validate 4 again. Either way the log equals the uninterrupted run's."""
-    cfg, info = config(data)
-    run = tmp_path / "run"
+    run = make_run(tmp_path / "run", data)
     original = evaluate_module.Evaluator.run
     calls = []
     armed = [True]  # the first run only
@@ -131,7 +133,7 @@ def test_a_run_stopped_at_a_validation_resumes_without_repeating_or_losing_it(
         return out
 
     monkeypatch.setattr(evaluate_module.Evaluator, "run", stop_at_4)
-    first = train(cfg, run, seed=0, info=info)
+    first = train(run)
     assert first.stopped and first.iteration == 4 and first.exit_code == signals.EXIT_STOPPED
     state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert state["iteration"] == 4
@@ -140,7 +142,7 @@ def test_a_run_stopped_at_a_validation_resumes_without_repeating_or_losing_it(
 
     calls.clear()
     armed[0] = False
-    second = train(cfg, run, seed=0, info=info)
+    second = train(run)
     assert second.finished
     assert calls == ([4] if when == "during" else [])
     ref_run, _ = reference
@@ -161,8 +163,7 @@ def test_a_run_killed_after_a_validation_but_before_its_checkpoint_validates_aga
     checkpoint at 2, whose log replay drops the validation line at 4, and validates 4 again."""
     from hcformer.engine.train import Trainer
 
-    cfg, info = config(data)
-    run = tmp_path / "run"
+    run = make_run(tmp_path / "run", data)
     save = Trainer.save
 
     def killed_at_4(self):
@@ -172,10 +173,10 @@ def test_a_run_killed_after_a_validation_but_before_its_checkpoint_validates_aga
 
     monkeypatch.setattr(Trainer, "save", killed_at_4)
     with pytest.raises(Killed):
-        train(cfg, run, seed=0, info=info)
+        train(run)
     assert [i for i, _ in validations(run)] == [2, 4]  # logged before the kill
     monkeypatch.setattr(Trainer, "save", save)
-    assert train(cfg, run, seed=0, info=info).finished
+    assert train(run).finished
     ref_run, _ = reference
     assert validations(run) == validations(ref_run)
 
@@ -201,10 +202,9 @@ def test_progress_lines_show_speed_eta_and_memory(capsys):
 def test_negative_eval_every_is_refused(data, tmp_path):
     from hcformer.errors import ConfigError
 
-    cfg, info = config(data)
-    cfg.solver.eval_every = -5
+    run = make_run(tmp_path / "run", data, "", "solver.eval_every=-5")
     with pytest.raises(ConfigError, match=r"solver\.eval_every: -5"):
-        train(cfg, tmp_path / "run", seed=0, info=info)
+        train(run)
 
 
 @pytest.mark.slow
@@ -221,7 +221,9 @@ def test_two_process_ddp_validates_on_the_main_process_while_the_other_waits(
 
     from hcformer.config import to_dict
 
-    cfg, _ = config(data)  # data written by the reference run
+    cfg, _ = resolve_run(  # data written by the reference run
+        experiment=EXPERIMENT, config_file=None, scale="smoke", seed=0, overrides=overrides(data)
+    )
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     run = tmp_path / "run"

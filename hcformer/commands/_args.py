@@ -80,6 +80,48 @@ def add_json_out(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the JSON file to write")
 
 
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of :class:`hcformer.models.fuse.InferenceOptions` (``hcformer evaluate``,
+    benchmarks): the inference fast paths, all off by default."""
+    # Imported here: hcformer.models.fuse loads torch, timm and triton (2.8 s measured), which
+    # the commands that share this module without these flags never need.
+    from hcformer.models.fuse import COMPILE_MODES, DTYPES
+
+    group = parser.add_argument_group("inference fast paths (evaluation only)")
+    group.add_argument(
+        "--fuse", action="store_true", help="fold BatchNorms into the preceding convs"
+    )
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    group.add_argument(
+        "--dtype", default="float32", choices=list(DTYPES), help="autocast dtype (float32: none)"
+    )
+    group.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        help="torch.compile the model (optionally with a mode; default: 'default')",
+    )
+    group.add_argument(
+        "--cuda-graph", action="store_true", help="replay one CUDA graph per input shape"
+    )
+
+
+def inference_options(args: argparse.Namespace):
+    """The :class:`hcformer.models.fuse.InferenceOptions` of parsed
+    :func:`add_inference_arguments` flags."""
+    from hcformer.models.fuse import InferenceOptions  # loaded already by the flags above
+
+    return InferenceOptions(
+        fuse=args.fuse,
+        channels_last=args.channels_last,
+        dtype=args.dtype,
+        compile=args.compile,
+        cuda_graph=args.cuda_graph,
+    )
+
+
 def print_json(data: Any) -> None:
     """``data`` as indented JSON on stdout, one newline after it."""
     json.dump(data, sys.stdout, indent=1)

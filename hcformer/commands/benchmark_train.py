@@ -17,8 +17,8 @@ from hcformer.commands._args import (
     write_output,
 )
 from hcformer.engine.benchmark import benchmark, readable
-from hcformer.engine.train import run_config
 from hcformer.errors import HCFormerError
+from hcformer.launch.create import resolve_run
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.warmup < 0:
         raise HCFormerError("--iterations must be >= 1 and --warmup >= 0")
-    cfg, info = run_config(
+    cfg, info = resolve_run(
         experiment=args.experiment,
         config_file=args.config,
         scale=args.scale,

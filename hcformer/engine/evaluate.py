@@ -1,6 +1,7 @@
-"""``hcformer evaluate --run-dir DIR``: score a trained run folder and write ``metrics.json``.
+"""Scoring a trained run folder: :func:`evaluate` ``(run_dir)`` writes ``metrics.json``.
 
-Loads ``model_final.pt``, runs the model on the validation split (test-time resize of the config,
+``hcformer evaluate --run-dir DIR`` (:mod:`hcformer.commands.evaluate`) and the launchers' jobs
+call it. Loads ``model_final.pt``, runs the model on the validation split (test-time resize of the config,
 padded to a multiple of 32 with the pixel mean, i.e. 0 once normalised; no test-time
 augmentation), post-processes the final prediction as MaskFormer
 (:mod:`hcformer.models.postprocess`: the masks at the model's output stride (HCFormer:
@@ -21,9 +22,9 @@ them with :mod:`hcformer.evaluation`. Metrics, in percent as the paper prints th
   over images;
 - ``iterations`` (training iterations of the weights), ``images``, ``eval_seconds``.
 
-Fast paths, evaluation only (``--fuse --channels-last --dtype bfloat16 --compile [MODE]
---cuda-graph``): :func:`hcformer.models.fuse.optimize_for_inference` on the loaded model; without
-them the plain model runs.
+Fast paths, evaluation only (``inference``: the command's ``--fuse --channels-last --dtype
+bfloat16 --compile [MODE] --cuda-graph``): :func:`hcformer.models.fuse.optimize_for_inference` on
+the loaded model; without them the plain model runs.
 
 ``metrics.json`` is written atomically and last: its presence means the run is complete. Scores
 broken down per class go to ``predictions/scores.json``.
@@ -40,7 +41,6 @@ merges their ``finish()`` into ``metrics.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -164,27 +164,17 @@ class Evaluator:
 
 
 def evaluate(run_dir: str | Path, *, device: str | None = None, inference=None) -> dict[str, Any]:
-    """Evaluate a run folder; returns the metrics also written to ``metrics.json``. Mirrors
-    them to MLflow (the run folder's MLflow run ends FINISHED)."""
+    """Evaluate a run folder; returns the metrics also written to ``metrics.json`` (and, rounded,
+    in one line on stderr: what a job's log shows). Mirrors them to MLflow (the run folder's
+    MLflow run ends FINISHED). ``inference``: the fast paths
+    (:class:`hcformer.models.fuse.InferenceOptions`; None: the plain model)."""
     evaluator = Evaluator(Path(run_dir), device=device, inference=inference)
     metrics = evaluator.run()
+    shown = {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
+    print(f"hcformer evaluate: {run_dir}: {json.dumps(shown)}", file=sys.stderr)
     if evaluator.cfg.tracking.enabled:
         tracker = open_tracker(Path(run_dir), to_dict(evaluator.cfg), evaluator.info)
         tracker.log_metrics(metrics, int(metrics.get("iterations", 0)))
         tracker.log_artifacts([Path(run_dir) / CONFIG, Path(run_dir) / METRICS])
         tracker.end("FINISHED")
     return metrics
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="hcformer evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", required=True, help="a run folder written by hcformer train")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    from hcformer.models.fuse import add_inference_arguments, inference_options
-
-    add_inference_arguments(p)
-    args = p.parse_args(argv)
-    metrics = evaluate(args.run_dir, device=args.device, inference=inference_options(args))
-    shown = {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)}
-    print(f"hcformer evaluate: {args.run_dir}: {json.dumps(shown)}", file=sys.stderr)
-    return 0

@@ -1,9 +1,10 @@
-"""The engine's side of a run folder: the resolved config and who the run is.
+"""The engine's side of a run folder: reading the resolved config and who the run is.
 
-``config.yaml`` (the fully resolved config, written once; a rerun with another config fails) and
-``run.json`` (``exp_id``, ``seed``, ``scale``, ``dataset``, ``git_commit``, ``tables``: the
-``{table_id: row label}`` of the paper rows it feeds; MLflow's tags). The names of every file of
-a run folder and how they are written: :mod:`hcformer.runfolder`.
+``config.yaml`` (the fully resolved config) and ``run.json`` (``exp_id``, ``seed``, ``scale``,
+``dataset``, ``git_commit``, ``tables``: the ``{table_id: row label}`` of the paper rows it
+feeds; MLflow's tags) are written once, when the run is created
+(:func:`hcformer.launch.create.create_run`). The names of every file of a run folder and how
+they are written: :mod:`hcformer.runfolder`.
 """
 
 from __future__ import annotations
@@ -13,29 +14,9 @@ from typing import Any
 
 import yaml
 
-from hcformer.config import Config, build_config, flatten, to_dict
+from hcformer.config import Config, build_config
 from hcformer.errors import ConfigError, HCFormerError
-from hcformer.runfolder import CONFIG, RUN_INFO, read_json, write_json_atomic, write_text_atomic
-
-
-def write_run_files(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
-    """Write ``config.yaml`` and ``run.json`` on first use; on a rerun check the config is the same."""
-    path = run_dir / CONFIG
-    new = to_dict(cfg)
-    if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
-        a, b = flatten(old), flatten(new)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
-            raise ConfigError(
-                f"{path}: this run folder was started with another config ({shown}"
-                f"{', ...' if len(diff) > 5 else ''}); use a new --run-dir or remove the folder"
-            )
-    else:
-        write_text_atomic(path, yaml.safe_dump(new, sort_keys=False))
-    if not (run_dir / RUN_INFO).is_file():
-        write_json_atomic(run_dir / RUN_INFO, info)
+from hcformer.runfolder import CONFIG, RUN_INFO, read_json
 
 
 def read_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:

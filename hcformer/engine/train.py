@@ -1,7 +1,8 @@
-"""``hcformer train``: train one experiment into a run folder (App. D; docs/interfaces.md).
+"""Training one run folder (App. D): :func:`train` ``(run_dir)``.
 
-    hcformer train --experiment ID --scale paper|tiny|smoke --seed S --run-dir DIR [--set k=v ...]
-    hcformer train --config FILE --seed S --run-dir DIR [--set k=v ...]
+The run folder holds the resolved config and who the run is (``config.yaml``, ``run.json``:
+written when the run is created, :func:`hcformer.launch.create.create_run`); training reads
+them and nothing else (docs/interfaces.md, "The run folder").
 
 The loop, in the paper's (Mask2Former's) way: AdamW with the backbone at 0.1x and no weight decay
 on norms and embeddings (:mod:`hcformer.engine.optim`), poly or multi-step decay with linear
@@ -15,7 +16,7 @@ and the loss is normalised over the global batch (:class:`hcformer.losses.LossNo
 processes compute what one process would with the same global batch, and a resumed run replays
 the interrupted one: ``checkpoints/last.pt`` every ``solver.checkpoint_every`` iterations and on
 SIGTERM / SIGINT / SIGUSR1 or :func:`hcformer.engine.signals.request_stop` (saved at the next
-iteration boundary; then exit status 128 + signal, or 3); a rerun of the same command resumes from
+iteration boundary; then exit status 128 + signal, or 3); training the folder again resumes from
 it. A finished run writes ``model_final.pt``; rerunning it does nothing.
 
 Visibility of a long run: every ``solver.log_every`` iterations a line of ``train_log.jsonl``
@@ -35,32 +36,59 @@ last validated iteration: a run stopped during a validation (which a stop reques
 validates that iteration again on resume, one killed after it keeps its line, and the log's
 replay drops lines past the checkpoint, so no validation is lost or logged twice.
 
-Python: :func:`train` (what ``hcformer run --launcher inline`` may call) returns a
-:class:`TrainResult`.
+:func:`train` returns a :class:`TrainResult`; ``hcformer train`` (:mod:`hcformer.commands.train`)
+and the launchers' jobs (:mod:`hcformer.launch.job`) call it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import getpass
 import json
 import math
 import os
+import resource
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hcformer.config import Config, build_config, load_config, merge, parse_overrides, to_dict
+import torch
+from tqdm import tqdm
+
+from hcformer.config import Config, to_dict
+from hcformer.data import build_dataset
+from hcformer.engine import distributed, signals
+from hcformer.engine.batches import Pass, TrainBatches, iterate, to_device
+from hcformer.engine.checkpoint import (
+    atomic_torch_save,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hcformer.engine.distributed import all_reduce_sum
+from hcformer.engine.evaluate import Evaluator
+from hcformer.engine.optim import build_optimizer, build_scheduler
+from hcformer.engine.randomness import point_generator, seed_dropout, seed_init
+from hcformer.engine.runinfo import check_num_classes, read_run
 from hcformer.errors import ConfigError, HCFormerError
+from hcformer.losses import LossNorm, build_criterion, summary_values
+from hcformer.models import build_model
+from hcformer.runfolder import (
+    CHECKPOINTS,
+    FINAL_WEIGHTS,
+    PREV_CHECKPOINT,
+    RUN_INFO,
+    TRAIN_LOG,
+    write_json_atomic,
+    write_text_atomic,
+)
+from hcformer.tracking import check_live, open_tracker
 
-if TYPE_CHECKING:
-    from hcformer.engine.batches import Pass
-
-SCALES = ("paper", "tiny", "smoke")
 VALIDATION_WAIT_H = 6  # how long the other processes wait for the main one's validation
 
 
@@ -82,49 +110,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------
-# Configuration of a run.
-
-
-def run_config(
-    *,
-    experiment: str | None,
-    config_file: str | None,
-    scale: str,
-    seed: int,
-    overrides: list[str],
-) -> tuple[Config, dict[str, Any]]:
-    """The resolved config and the run info (``run.json``) of an experiment or a config file."""
-    from hcformer.runfolder import git_commit
-
-    if not experiment and not config_file:
-        raise ConfigError("give --experiment ID or --config FILE")
-    tables: dict[str, str] = {}
-    if config_file:
-        cfg = load_config(config_file, overrides)
-        exp_id = experiment or Path(config_file).stem
-    else:
-        from hcformer.experiments import get_experiment
-
-        exp = get_experiment(experiment, scale)
-        cfg = exp.config
-        if overrides:
-            cfg = build_config(merge(to_dict(cfg), parse_overrides(overrides)))
-        exp_id = exp.id
-        for table_id, label in exp.rows:
-            tables[table_id] = f"{tables[table_id]}; {label}" if table_id in tables else label
-    info = {
-        "exp_id": exp_id,
-        "seed": seed,
-        "scale": scale,
-        "dataset": cfg.data.dataset,
-        "git_commit": git_commit(),
-        "tables": tables,
-        "overrides": list(overrides),
-    }
-    return cfg, info
-
-
-# --------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -132,10 +117,6 @@ class Trainer:
     """State and steps of one training run in one process (see the module docstring)."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, seed: int, info: dict[str, Any]) -> None:
-        import torch
-
-        from hcformer.engine import distributed
-
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.seed = seed
@@ -179,16 +160,6 @@ class Trainer:
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
-        import torch
-
-        from hcformer.data import build_dataset
-        from hcformer.engine.batches import TrainBatches
-        from hcformer.engine.optim import build_optimizer, build_scheduler
-        from hcformer.engine.randomness import seed_init
-        from hcformer.engine.runinfo import check_num_classes
-        from hcformer.losses import build_criterion
-        from hcformer.models import build_model
-
         self.dataset = build_dataset(self.cfg.data, "train")
         if len(self.dataset) == 0:
             raise HCFormerError(f"data.root {self.cfg.data.root}: the training split has no images")
@@ -228,9 +199,6 @@ class Trainer:
         return state
 
     def resume(self) -> None:
-        from hcformer.engine.checkpoint import latest_checkpoint, load_checkpoint
-        from hcformer.runfolder import CHECKPOINTS, PREV_CHECKPOINT
-
         path = latest_checkpoint(self.run_dir / CHECKPOINTS)
         if path is None:
             return
@@ -267,10 +235,6 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write ``last.pt`` of the last completed iteration (main process only)."""
-        from hcformer.engine import signals
-        from hcformer.engine.checkpoint import save_checkpoint
-        from hcformer.runfolder import CHECKPOINTS
-
         if not self.dist.is_main:
             return None
         # Blocked signals: a handler calling save_now() never re-enters a save in progress.
@@ -303,14 +267,6 @@ class Trainer:
         the host per pass, :func:`hcformer.losses.matcher.costs_to_host`): the logged values
         and the non-finite check are read every ``solver.log_every`` iterations
         (:meth:`read_stats`)."""
-        import torch
-
-        from hcformer.engine import signals
-        from hcformer.engine.batches import to_device
-        from hcformer.engine.distributed import all_reduce_sum
-        from hcformer.engine.randomness import point_generator, seed_dropout
-        from hcformer.losses import LossNorm, summary_values
-
         it = self.iteration
         if prefetched is None:
             prefetched = self.batches[it]
@@ -367,10 +323,6 @@ class Trainer:
         """The logged values of every iteration since the last read, summed over processes,
         read from the device in one copy (a wait); raises :class:`HCFormerError` at the first
         iteration whose loss is not finite (:meth:`check_finite`)."""
-        import torch
-
-        from hcformer.engine.distributed import all_reduce_sum
-
         if not self._pending:
             return []
         pending, self._pending = self._pending, []
@@ -390,9 +342,6 @@ class Trainer:
         bad = {k: v for k, v in totals.items() if k != "grad_norm" and not math.isfinite(v)}
         if not bad:
             return
-        from hcformer.engine.checkpoint import latest_checkpoint
-        from hcformer.runfolder import CHECKPOINTS
-
         terms = [k for k in sorted(bad) if k != "loss"] or sorted(bad)
         shown = ", ".join(f"{k} = {bad[k]}" for k in terms)
         kept = latest_checkpoint(self.run_dir / CHECKPOINTS)
@@ -405,8 +354,6 @@ class Trainer:
     def _pending_finite(self) -> bool:
         """Whether every loss since the last :meth:`read_stats` is finite (this process's
         shares; a wait): what :meth:`save` checks before writing weights."""
-        import torch
-
         if not self._pending:
             return True
         losses = [v[: len(k) - (k[-1] == "grad_norm")] for _, k, v in self._pending]
@@ -415,11 +362,6 @@ class Trainer:
     def stop_agreed(self) -> bool:
         """Whether a stop was requested (on any process: a wait for the all-reduce in DDP; the
         host's flag alone on one process)."""
-        import torch
-
-        from hcformer.engine import signals
-        from hcformer.engine.distributed import all_reduce_sum
-
         if not self.dist.enabled:
             return signals.stop_requested()
         flag = torch.tensor([1.0 if signals.stop_requested() else 0.0], device=self.device)
@@ -427,13 +369,6 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, *, progress: bool = True) -> TrainResult:
-        import torch
-
-        from hcformer.engine import signals
-        from hcformer.engine.batches import iterate
-        from hcformer.engine.checkpoint import atomic_torch_save
-        from hcformer.runfolder import FINAL_WEIGHTS
-
         solver = self.cfg.solver
         total = solver.iterations
         main = self.dist.is_main
@@ -448,8 +383,6 @@ class Trainer:
             eval_every=solver.eval_every,
         )
         if self.dist.enabled and solver.eval_every > 0 and self.iteration < total:
-            from datetime import timedelta
-
             # Validation runs on the main process only; the others wait in a gloo barrier,
             # whose timeout (unlike NCCL's 10 minutes) allows a long validation split.
             self._wait_group = torch.distributed.new_group(
@@ -526,8 +459,6 @@ class Trainer:
     def _open_tracker(self):
         if not self.cfg.tracking.enabled:
             return None
-        from hcformer.tracking import open_tracker
-
         return open_tracker(self.run_dir, to_dict(self.cfg), self.info)
 
     # -- periodic validation --------------------------------------------------------------------
@@ -544,8 +475,6 @@ class Trainer:
         it = self.iteration
         scores = self._validate_main(it) if self.dist.is_main else None
         if self._wait_group is not None:
-            import torch
-
             torch.distributed.barrier(group=self._wait_group)
         if scores is None:
             return None
@@ -559,11 +488,6 @@ class Trainer:
         return scores
 
     def _validate_main(self, it: int) -> dict[str, float] | None:
-        import tempfile
-
-        from hcformer.engine import signals
-        from hcformer.engine.evaluate import Evaluator
-
         evaluator = Evaluator(self.run_dir, device=str(self.device))
         evaluator.iterations = it
         self.model.eval()
@@ -593,8 +517,6 @@ class TrainLog:
     resumed iteration (written after the last checkpoint) are dropped so the log replays too."""
 
     def __init__(self, run_dir: Path, resumed_at: int) -> None:
-        from hcformer.runfolder import TRAIN_LOG, write_text_atomic
-
         self.path = Path(run_dir) / TRAIN_LOG
         if self.path.is_file():
             kept = []
@@ -613,11 +535,7 @@ def peak_memory(device) -> tuple[float, str]:
     """The process's peak memory in GiB and what it measures: the CUDA allocator's peak on a
     GPU, else the peak resident set size."""
     if device.type == "cuda":
-        import torch
-
         return torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "RSS"  # KiB on Linux
 
 
@@ -657,8 +575,6 @@ class Progress:
         self.eval_every = eval_every
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
         self.last = start
         self.last_time: float | None = None  # training seconds at the last line
@@ -726,29 +642,23 @@ def _user() -> str:
         return ""
 
 
-def train(
-    cfg: Config, run_dir: str | Path, *, seed: int, info: dict[str, Any], progress: bool = True
-) -> TrainResult:
-    """Train (or resume) ``cfg`` into ``run_dir``; see the module docstring."""
-    from hcformer.engine import signals
-    from hcformer.engine.runinfo import write_run_files
-    from hcformer.runfolder import FINAL_WEIGHTS, RUN_INFO
-
+def train(run_dir: str | Path, *, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run folder ``run_dir`` (created by
+    :func:`hcformer.launch.create.create_run`); see the module docstring. ``progress``: the
+    progress lines on stderr."""
     run_dir = Path(run_dir)
+    cfg, info = read_run(run_dir)
     if cfg.tracking.enabled:  # before anything is written or loaded: refused in a second
-        from hcformer.tracking import check_live
-
         check_live(run_dir, to_dict(cfg), info)
-    # Who and when, for MLflow (run.json is written once: the first start stays).
-    info = {"started_at": round(time.time(), 3), "user": _user(), **info}
-    trainer = Trainer(cfg, run_dir, seed=seed, info=info)
-    if trainer.dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_files(run_dir, cfg, info)
-    with contextlib.suppress(OSError, ValueError):
-        first = json.loads((run_dir / RUN_INFO).read_text())
-        info.update({k: first[k] for k in ("started_at", "user") if k in first})
-    trainer.info = info
+    if "seed" not in info:
+        raise HCFormerError(
+            f"{run_dir / RUN_INFO}: no seed; create the run with hcformer run or hcformer train"
+        )
+    trainer = Trainer(cfg, run_dir, seed=int(info["seed"]), info=info)
+    if trainer.dist.is_main and "started_at" not in info:
+        # Who and when, for MLflow (the first start stays).
+        trainer.info = {"started_at": round(time.time(), 3), "user": _user(), **info}
+        write_json_atomic(run_dir / RUN_INFO, trainer.info)
     if (run_dir / FINAL_WEIGHTS).is_file():
         if trainer.dist.is_main:
             print(
@@ -759,31 +669,3 @@ def train(
     with signals.handle_signals():
         trainer.setup()
         return trainer.run(progress=progress)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hcformer train", description=__doc__.split("\n")[0])
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--experiment", help="experiment id (see `hcformer experiments`)")
-    what.add_argument("--config", help="a config YAML of one's own instead of --experiment")
-    p.add_argument("--scale", default="paper", choices=SCALES, help="scale overlay (default paper)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-dir", required=True, help="the run folder (created; resumed if present)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress output")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    cfg, info = run_config(
-        experiment=args.experiment,
-        config_file=args.config,
-        scale=args.scale,
-        seed=args.seed,
-        overrides=args.set,
-    )
-    result = train(cfg, args.run_dir, seed=args.seed, info=info, progress=not args.no_progress)
-    return result.exit_code

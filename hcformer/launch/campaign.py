@@ -1,6 +1,6 @@
-"""``hcformer campaign``: run the Snakemake campaign so that a restart after a crash costs nothing.
+"""Running the Snakemake campaign so that a restart after a crash costs nothing.
 
-``hcformer campaign --profile slurm all_tables`` runs ``snakemake --profile slurm all_tables``
+``hcformer campaign --profile slurm all_tables`` (:mod:`hcformer.commands.campaign`) runs ``snakemake --profile slurm all_tables``
 (every argument passes through) after two repairs that only a dead campaign needs:
 
 1. **Snakemake's lock.** A killed Snakemake leaves ``.snakemake/locks`` behind and the next one
@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hcformer.errors import HCFormerError
@@ -140,19 +141,14 @@ def _last_line(out: subprocess.CompletedProcess) -> str:
     return lines[-1].strip() if lines else f"exit status {out.returncode}"
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] in (["-h"], ["--help"]):
-        print(
-            "usage: hcformer campaign SNAKEMAKE-ARGS...\n\n"
-            "Runs snakemake with these arguments, after removing Snakemake's lock when the\n"
-            "campaign that held it is gone and keeping every run it finished (docs/campaign.md)."
-        )
-        return 0
+def repair(argv: list[str], say: Callable[[str], None]) -> None:
+    """The two repairs of a dead campaign (the module docstring) for ``snakemake`` with
+    ``argv``: Snakemake's lock removed when its campaign is gone, the marked ``metrics.json``
+    handed to ``--cleanup-metadata``; ``say`` gets what was done, one line each."""
     workdir = _workdir(argv)
-    meta = workdir / ".snakemake"
     done = unlock_if_dead(argv, workdir)
     if done:
-        print(f"hcformer campaign: {done}", file=sys.stderr)
+        say(done)
     marked = marked_runs(workdir)
     if marked:
         # Snakemake reports files without a metadata record in its exit status after clearing
@@ -165,11 +161,17 @@ def main(argv: list[str]) -> int:
                 f"(e.g. {sorted(left)[0]}): {_last_line(out)}"
             )
         finished = sum((workdir / m).is_file() for m in marked)
-        print(
-            f"hcformer campaign: {finished} finished runs kept (Snakemake, which died, still "
-            f"marked their metrics.json incomplete); {len(marked) - finished} runs in flight",
-            file=sys.stderr,
+        say(
+            f"{finished} finished runs kept (Snakemake, which died, still "
+            f"marked their metrics.json incomplete); {len(marked) - finished} runs in flight"
         )
+
+
+def run_snakemake(argv: list[str]) -> int:
+    """Run ``snakemake`` with ``argv`` in this process's place (SIGINT, SIGTERM and SIGHUP
+    passed on to it), recorded in ``.snakemake/hcformer-campaign.json`` while it runs; returns
+    its exit status."""
+    meta = _workdir(argv) / ".snakemake"
     write_json_atomic(
         meta / RECORD,
         {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "argv": argv},

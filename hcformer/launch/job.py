@@ -1,10 +1,12 @@
 """What one job runs: train, then evaluate, for one or more (experiment, seed) run folders.
 
 A run trains and then evaluates in one job, at every scale (one process start, one queue wait,
-one GPU allocation). :class:`RunJob` is the
-callable that submitit pickles and runs on the compute node (``slurm``, ``local``) or that
-``hcformer run --launcher inline`` calls in-process; the engine is imported only inside it, so
-the process that submits and waits never imports torch.
+one GPU allocation). The folder was created before the job (:mod:`hcformer.launch.create`) and
+holds everything the job needs: it calls the engine's ``train.train(run_dir)`` and
+``evaluate.evaluate(run_dir)``. :class:`RunJob` is the callable that submitit pickles and runs
+on the compute node (``slurm``, ``local``) or that ``hcformer run --launcher inline`` calls
+in-process; the engine is imported only inside it, so the process that submits and waits never
+imports torch.
 
 Preemption and time-out (docs/pipeline.md, "One run"): under submitit the
 signal (USR2) reaches submitit's handler, which calls :meth:`RunJob.checkpoint`. That asks the
@@ -38,7 +40,8 @@ SAVE_TIMEOUT_S = 60.0  # at most this long for the engine to save after a preemp
 
 @dataclass
 class RunSpec:
-    """One run: an experiment of the registry (or a config file of one's own) and a seed."""
+    """One run: an experiment of the registry (or a config file of one's own) and a seed; what
+    creates its folder. The job itself uses only ``run_dir`` and ``engine``."""
 
     experiment: str
     scale: str
@@ -46,16 +49,8 @@ class RunSpec:
     run_dir: str
     overrides: list[str] = field(default_factory=list)
     config: str = ""  # a config file instead of --experiment
-    engine: str = (
-        "hcformer.engine"  # the package whose train/evaluate modules run (tests: a stand-in)
-    )
-
-    def train_argv(self) -> list[str]:
-        what = ["--config", self.config] if self.config else ["--experiment", self.experiment]
-        argv = [*what, "--scale", self.scale, "--seed", str(self.seed), "--run-dir", self.run_dir]
-        for item in self.overrides:
-            argv += ["--set", item]
-        return argv
+    # The package whose train, evaluate and signals modules run (tests: a stand-in).
+    engine: str = "hcformer.engine"
 
     @property
     def label(self) -> str:
@@ -92,8 +87,9 @@ def _heartbeat(run_dir: Path, stop: threading.Event) -> None:
 def run_one(spec: RunSpec, *, stopping: threading.Event | None = None) -> str:
     """Train then evaluate one run folder; returns ``done``, ``skipped`` or ``stopped``.
 
-    Calls the engine's commands in this process (their ``main(argv)``); a rerun resumes training
-    from ``last.pt`` (the engine's job) and a folder that already has metrics is left alone.
+    Calls the engine in this process (``train(run_dir)`` then, on the main process,
+    ``evaluate(run_dir)``); a rerun resumes training from ``last.pt`` (the engine's job) and a
+    folder that already has metrics is left alone.
     """
     run_dir = Path(spec.run_dir)
     if (run_dir / METRICS).exists():
@@ -112,16 +108,14 @@ def run_one(spec: RunSpec, *, stopping: threading.Event | None = None) -> str:
         threading.Thread(target=_heartbeat, args=(run_dir, beat), daemon=True).start()
     try:
         train = importlib.import_module(f"{spec.engine}.train")
-        code = int(train.main(spec.train_argv()) or 0)
+        code = int(train.train(run_dir).exit_code)
         if stopping is not None and stopping.is_set():
             return "stopped"
         if code != 0:
             raise JobFailed(f"{spec.label}: hcformer train exited with status {code}")
         if rank0:
             evaluate = importlib.import_module(f"{spec.engine}.evaluate")
-            code = int(evaluate.main(["--run-dir", str(run_dir)]) or 0)
-            if code != 0:
-                raise JobFailed(f"{spec.label}: hcformer evaluate exited with status {code}")
+            evaluate.evaluate(run_dir)
             if not (run_dir / METRICS).exists():
                 raise JobFailed(f"{spec.label}: evaluation wrote no {run_dir / METRICS}")
             keep_metrics(run_dir)

@@ -1,6 +1,9 @@
-"""``hcformer run``: train then evaluate (experiment, seed) runs through a launcher, and wait.
+"""Running (experiment, seed) runs through a launcher, and waiting: what ``hcformer run``
+(:mod:`hcformer.commands.run`) does.
 
-docs/pipeline.md, "One run". One job per run trains then evaluates (one process start):
+docs/pipeline.md, "One run". Each run's folder is created first (:func:`create_run`: the config
+resolved once and written to the folder), then one job per run trains then evaluates that
+folder (one process start):
 
 - ``slurm``: one SLURM job per run through submitit (GPUs, DDP tasks, requeue on preemption and
   time-out; logs opened in append mode so they survive a requeue);
@@ -17,17 +20,27 @@ tail of its log and exits 1. A run folder that already has ``metrics.json`` is u
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hcformer.engine.runinfo import read_run
 from hcformer.errors import ConfigError
-from hcformer.experiments import scales
+from hcformer.launch.create import create_run
+from hcformer.launch.executors import (
+    SlurmOptions,
+    make_executor,
+    reattach,
+    submit,
+    submit_with_retries,
+)
+from hcformer.launch.job import RunJob, RunSpec
+from hcformer.launch.scheduler import SlurmQueue
 from hcformer.runfolder import (
     JOBS,
     METRICS,
@@ -46,141 +59,86 @@ LAUNCHERS = ("slurm", "local", "inline")
 RESULT_GRACE_S = 30.0  # wait this long for a finished job's files to appear
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hcformer run",
-        description="Train then evaluate runs of an experiment through a launcher, and wait.",
-    )
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--experiment", help="canonical experiment id (hcformer experiments)")
-    what.add_argument("--config", help="a config file of one's own instead of --experiment")
-    p.add_argument("--scale", required=True, choices=scales())
-    seeds = p.add_mutually_exclusive_group(required=True)
-    seeds.add_argument("--seed", type=int, help="one seed")
-    seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds, one run folder each")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--results", help="the scale's results root; runs go to RESULTS/runs/...")
-    where.add_argument("--run-dir", help="the run folder (one seed only)")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="inline")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument(
-        "--poll-s",
-        type=float,
-        default=None,
-        help="seconds between job checks; every run under one results root shares one squeue "
-        "call per interval (default: 30 at paper scale, else 5)",
-    )
-    p.add_argument(
-        "--submit-attempts",
-        type=int,
-        default=8,
-        help="submissions tried when sbatch refuses for a transient reason (a submit limit, a "
-        "busy controller), with a pause doubling from --retry-backoff-s",
-    )
-    p.add_argument("--retry-backoff-s", type=float, default=60.0)
-    p.add_argument(
-        "--wait-locked",
-        action="store_true",
-        help="when a live process holds a run folder's lock, wait for it to end instead of "
-        "failing (the workflow's run rule: a restarted campaign meets the waiting processes of "
-        "the Snakemake that died)",
-    )
-    p.add_argument(
-        "--node-fail-attempts",
-        type=int,
-        default=3,
-        help="new jobs submitted for a run whose job's node failed (NODE_FAIL, BOOT_FAIL)",
-    )
-    # The package whose ``train`` and ``evaluate`` modules a job runs (tests use a stand-in).
-    p.add_argument("--engine", default="hcformer.engine", help=argparse.SUPPRESS)
-    s = p.add_argument_group("slurm (default: the experiment's resources)")
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--qos")
-    s.add_argument("--constraint")
-    s.add_argument("--nodes", type=int)
-    s.add_argument("--gpus-per-node", type=int)
-    s.add_argument("--tasks-per-node", type=int, help="DDP processes per node (= GPUs)")
-    s.add_argument("--cpus-per-task", type=int)
-    s.add_argument("--mem-gb", type=float)
-    s.add_argument("--time-min", type=int)
-    s.add_argument("--signal-delay-s", type=int, default=120)
-    s.add_argument("--setup", action="append", default=[], help="a shell line run before the job")
-    s.add_argument("--sbatch", action="append", default=[], metavar="FLAG=VALUE")
-    return p
+@dataclass
+class Launch:
+    """How runs are launched and waited on (the flags of ``hcformer run``).
+
+    Attributes:
+      launcher: ``slurm``, ``local`` or ``inline``.
+      poll_s: seconds between job checks (every run under one results root shares one
+        ``squeue`` call per interval).
+      submit_attempts, retry_backoff_s: submissions tried when sbatch refuses for a transient
+        reason, with a pause doubling from ``retry_backoff_s``.
+      wait_locked: wait for a live holder of a run folder's lock to end instead of failing.
+      node_fail_attempts: new jobs submitted for a run whose job's node failed.
+      slurm: what a SLURM job asks for (None fields: the run's ``resources``).
+    """
+
+    launcher: str = "inline"
+    poll_s: float = 5.0
+    submit_attempts: int = 8
+    retry_backoff_s: float = 60.0
+    wait_locked: bool = False
+    node_fail_attempts: int = 3
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
 
-def _resources(args: argparse.Namespace) -> dict[str, Any]:
-    """The experiment's ``Config.resources`` (the registry imports no torch)."""
-    if args.config:
-        from hcformer.config import load_config
-
-        return dict(load_config(args.config, args.overrides).resources)
-    from hcformer.experiments import resolve
-
-    return dict(resolve(args.experiment, args.scale).resources)
+def _slurm_params(launch: Launch, spec: RunSpec) -> dict[str, Any]:
+    """submitit's SLURM parameters: ``launch.slurm`` over the created run's resources."""
+    cfg, _ = read_run(Path(spec.run_dir))
+    return launch.slurm.resolved(dict(cfg.resources))
 
 
-def _slurm_params(args: argparse.Namespace) -> dict[str, Any]:
-    from hcformer.launch.executors import SlurmOptions
-
-    extra = {}
-    for item in args.sbatch:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(
-                f"--sbatch {item!r}: expected FLAG=VALUE, e.g. --sbatch exclude=node1"
-            )
-        extra[key.lstrip("-")] = value
-    options = SlurmOptions(
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        constraint=args.constraint,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task,
-        mem_gb=args.mem_gb,
-        time_min=args.time_min,
-        signal_delay_s=args.signal_delay_s,
-        setup=args.setup,
-        extra=extra,
-    )
-    return options.resolved(_resources(args))
-
-
-def _specs(args: argparse.Namespace) -> list[Any]:
-    from hcformer.launch.job import RunSpec
-
-    seeds = [args.seed] if args.seed is not None else list(args.seeds)
+def plan(
+    *,
+    experiment: str | None,
+    config: str | None,
+    scale: str,
+    seeds: list[int],
+    results: str | None,
+    run_folder: str | None,
+    overrides: list[str],
+    engine: str = "hcformer.engine",
+) -> list[RunSpec]:
+    """The runs of an experiment (or a config file, which needs ``run_folder``) for ``seeds``:
+    under ``results`` (``<results>/runs/<exp_id>/seed<k>``) or in ``run_folder`` (one seed)."""
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {seeds}: a seed appears twice")
-    if args.run_dir and len(seeds) != 1:
+    if run_folder and len(seeds) != 1:
         raise ConfigError("--run-dir takes one --seed; use --results for several seeds")
-    experiment = args.experiment or ""
-    if args.config and args.results:
+    experiment = experiment or ""
+    if config and results:
         raise ConfigError("--config needs --run-dir (a config of one's own has no experiment id)")
     specs = []
     for seed in seeds:
-        folder = Path(args.run_dir) if args.run_dir else run_dir(args.results, experiment, seed)
+        folder = Path(run_folder) if run_folder else run_dir(results, experiment, seed)
         specs.append(
             RunSpec(
                 experiment=experiment,
-                scale=args.scale,
+                scale=scale,
                 seed=seed,
                 run_dir=str(folder),
-                overrides=list(args.overrides),
-                config=args.config or "",
-                engine=args.engine,
+                overrides=list(overrides),
+                config=config or "",
+                engine=engine,
             )
         )
     return specs
 
 
-def _run_inline(specs: list[Any], commit: str) -> int:
-    from hcformer.launch.job import RunJob
+def _create(spec: RunSpec) -> None:
+    """The run's folder with its resolved config (:func:`create_run`)."""
+    create_run(
+        spec.run_dir,
+        experiment=spec.experiment or None,
+        config_file=spec.config or None,
+        scale=spec.scale,
+        seed=spec.seed,
+        overrides=spec.overrides,
+    )
 
+
+def _run_inline(specs: list[RunSpec], commit: str) -> int:
     for spec in specs:
         update_job(
             Path(spec.run_dir),
@@ -204,31 +162,28 @@ class _Run:
         self.resubmits = 0
 
 
-def _submit(args: argparse.Namespace, spec: Any, slurm: Any, queue: Any, commit: str) -> Any:
+def _submit(launch: Launch, spec: RunSpec, slurm: Any, queue: Any, commit: str) -> Any:
     """Submit one run's job (with retries on transient refusals), recording it in job.json
     before sbatch is called (``state: submitting`` and a unique job name, so that a process
     killed while sbatch runs leaves enough behind to find the job) and after."""
-    from hcformer.launch.executors import make_executor, submit, submit_with_retries
-    from hcformer.launch.job import RunJob
-
     run_dir = Path(spec.run_dir)
     folder = run_dir / JOBS
 
     def once() -> Any:
         name = f"hc-{spec.label}-{uuid.uuid4().hex[:8]}"
         params = {**slurm, "job_name": name} if slurm is not None else None
-        executor = make_executor(args.launcher, folder, params)
+        executor = make_executor(launch.launcher, folder, params)
         started = time.time()
         update_job(
             run_dir,
-            launcher=args.launcher,
+            launcher=launch.launcher,
             job_name=name,
             folder=str(folder.resolve()),
             state="submitting",
             submit_started=started,
         )
-        fn = RunJob([spec], threaded=args.launcher == "slurm")
-        handle = submit(executor, args.launcher, folder, fn)
+        fn = RunJob([spec], threaded=launch.launcher == "slurm")
+        handle = submit(executor, launch.launcher, folder, fn)
         handle.queue, handle.submitted = queue, started
         return handle
 
@@ -237,8 +192,8 @@ def _submit(args: argparse.Namespace, spec: Any, slurm: Any, queue: Any, commit:
 
     handle = submit_with_retries(
         once,
-        args.submit_attempts,
-        args.retry_backoff_s,
+        launch.submit_attempts,
+        launch.retry_backoff_s,
         lambda item: append_job(run_dir, "submissions", item),
         say,
     )
@@ -255,18 +210,13 @@ def _submit(args: argparse.Namespace, spec: Any, slurm: Any, queue: Any, commit:
     return handle
 
 
-def _run_submitted(
-    args: argparse.Namespace, specs: list[Any], locks: list[Any], commit: str
-) -> int:
-    from hcformer.launch.executors import reattach
-    from hcformer.launch.scheduler import SlurmQueue
-
-    slurm = _slurm_params(args) if args.launcher == "slurm" else None
+def _run_submitted(launch: Launch, specs: list[RunSpec], locks: list[Any], commit: str) -> int:
+    slurm = _slurm_params(launch, specs[0]) if launch.launcher == "slurm" else None
     runs = []
     for spec, lock in zip(specs, locks):
         run_dir = Path(spec.run_dir)
-        queue = SlurmQueue.for_run_dir(run_dir, args.poll_s) if slurm is not None else None
-        handle = reattach(read_job(run_dir), args.launcher, queue)
+        queue = SlurmQueue.for_run_dir(run_dir, launch.poll_s) if slurm is not None else None
+        handle = reattach(read_job(run_dir), launch.launcher, queue)
         if handle is not None:
             # The job may have recorded ``running`` (or more) since: keep that.
             update_job(
@@ -284,13 +234,13 @@ def _run_submitted(
             print(f"hcformer run: {spec.label}: up to date ({run_dir})", file=sys.stderr)
             continue
         else:
-            handle = _submit(args, spec, slurm, queue, commit)
-        lock.note(job_id=handle.job_id, launcher=args.launcher)
+            handle = _submit(launch, spec, slurm, queue, commit)
+        lock.note(job_id=handle.job_id, launcher=launch.launcher)
         runs.append(_Run(spec, lock, handle))
 
     pending = list(runs)
     while pending:
-        time.sleep(args.poll_s)
+        time.sleep(launch.poll_s)
         for run in pending:
             run.lock.refresh()
         still = []
@@ -300,7 +250,7 @@ def _run_submitted(
                 continue
             if (Path(run.spec.run_dir) / METRICS).exists() or not run.handle.node_failed():
                 continue
-            if run.resubmits >= args.node_fail_attempts:
+            if run.resubmits >= launch.node_fail_attempts:
                 continue
             # The node died under the job (NODE_FAIL/BOOT_FAIL): a new job resumes the run.
             run.resubmits += 1
@@ -312,11 +262,11 @@ def _run_submitted(
             )
             print(
                 f"hcformer run: {run.spec.label}: job {lost.job_id} ended {lost.last_state} (its "
-                f"node failed); resubmitting ({run.resubmits}/{args.node_fail_attempts})",
+                f"node failed); resubmitting ({run.resubmits}/{launch.node_fail_attempts})",
                 file=sys.stderr,
             )
-            run.handle = _submit(args, run.spec, slurm, lost.queue, commit)
-            run.lock.note(job_id=run.handle.job_id, launcher=args.launcher)
+            run.handle = _submit(launch, run.spec, slurm, lost.queue, commit)
+            run.lock.note(job_id=run.handle.job_id, launcher=launch.launcher)
             still.append(run)
         pending = still
 
@@ -352,11 +302,9 @@ def _run_submitted(
     return 1 if failed else 0
 
 
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    if args.poll_s is None:
-        args.poll_s = 30.0 if args.scale == "paper" else 5.0
-    specs = _specs(args)
+def run(specs: list[RunSpec], launch: Launch) -> int:
+    """Create, launch and wait for ``specs`` (see the module docstring); 0 when every run has
+    its ``metrics.json``, 1 when a job failed."""
     for spec in specs:
         if restore_metrics(Path(spec.run_dir)):
             print(
@@ -383,12 +331,12 @@ def main(argv: list[str]) -> int:
         except RunLockedError as exc:
             # A waiting process left behind by a dead Snakemake still owns the run: wait for it
             # instead of failing (it submits nothing twice either way).
-            if not args.wait_locked:
+            if not launch.wait_locked:
                 raise
             if not waiting:
                 print(f"hcformer run: {exc}; waiting for it to end", file=sys.stderr)
                 waiting = True
-            time.sleep(args.poll_s)
+            time.sleep(launch.poll_s)
             continue
         try:
             for lock in locks:
@@ -398,8 +346,10 @@ def main(argv: list[str]) -> int:
                         f"{lock.took_over.get('pid')} on {lock.took_over.get('host')}",
                         file=sys.stderr,
                     )
-            if args.launcher == "inline":
+            for spec in todo:
+                _create(spec)
+            if launch.launcher == "inline":
                 return _run_inline(todo, commit)
-            return _run_submitted(args, todo, locks, commit)
+            return _run_submitted(launch, todo, locks, commit)
         finally:
             guard.__exit__(None, None, None)

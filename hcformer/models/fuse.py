@@ -27,7 +27,6 @@ With every option off it returns the model itself, untouched.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 from collections.abc import Iterator
@@ -294,40 +293,6 @@ def optimize_for_inference(
     if cuda_graph:
         out = CUDAGraphRunner(out)
     return out
-
-
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command-line flags of :class:`InferenceOptions` (``hcformer evaluate``, benchmarks)."""
-    group = parser.add_argument_group("inference fast paths (evaluation only)")
-    group.add_argument(
-        "--fuse", action="store_true", help="fold BatchNorms into the preceding convs"
-    )
-    group.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    group.add_argument(
-        "--dtype", default="float32", choices=list(DTYPES), help="autocast dtype (float32: none)"
-    )
-    group.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        default=None,
-        choices=COMPILE_MODES,
-        help="torch.compile the model (optionally with a mode; default: 'default')",
-    )
-    group.add_argument(
-        "--cuda-graph", action="store_true", help="replay one CUDA graph per input shape"
-    )
-
-
-def inference_options(args: argparse.Namespace) -> InferenceOptions:
-    """The :class:`InferenceOptions` of parsed :func:`add_inference_arguments` flags."""
-    return InferenceOptions(
-        fuse=args.fuse,
-        channels_last=args.channels_last,
-        dtype=args.dtype,
-        compile=args.compile,
-        cuda_graph=args.cuda_graph,
-    )
 
 
 def apply_options(model: nn.Module, options: InferenceOptions, *, inplace: bool = False):
