@@ -66,9 +66,11 @@ def test_help_lists_commands_without_importing_torch():
 
 
 def test_commands_that_need_no_model_import_no_torch():
-    """The data, evaluation, budget and drawing commands start without torch (or matplotlib,
-    which visualize imports only when it draws)."""
+    """The data, evaluation, budget, drawing, listing and status commands start without torch
+    (or matplotlib, which visualize imports only when it draws)."""
     light = [
+        "experiments",
+        "status",
         "synth_data",
         "prepare_data",
         "check_data",
