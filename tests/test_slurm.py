@@ -72,10 +72,9 @@ def test_requeued_job_resumes_from_last_pt(tmp_path, write_fake_engine):
     run = results / "runs" / exp / "seed0"
     cmd = [str(BIN / "hcformer"), "run", "--experiment", exp, "--scale", "smoke", "--seed", "0"]
     cmd += ["--results", str(results), "--launcher", "slurm", "--engine", engine, "--poll-s", "1"]
-    cmd += ["--gpus-per-node", "1", "--set", "sleep=0.5", "--set", "iters=24"]  # a GPU GRES job
-    waiter = subprocess.Popen(
-        cmd, env=_env(PYTHONPATH=str(tmp_path / "pkgs")), stderr=subprocess.PIPE, text=True
-    )
+    cmd += ["--gpus-per-node", "1", "--set", "solver.iterations=24"]  # a GPU GRES job
+    env = _env(PYTHONPATH=str(tmp_path / "pkgs"), FAKE_ENGINE_SLEEP="0.5")
+    waiter = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     job_id = _requeue_once(run, waiter, run / "checkpoints" / "last.pt")
     _, err = waiter.communicate(timeout=300)
     assert waiter.returncode == 0, err
@@ -102,10 +101,9 @@ def test_preemption_signal_checkpoints_through_the_engine_and_requeues(tmp_path,
     run = results / "runs" / exp / "seed2"
     cmd = [str(BIN / "hcformer"), "run", "--experiment", exp, "--scale", "smoke", "--seed", "2"]
     cmd += ["--results", str(results), "--launcher", "slurm", "--engine", engine, "--poll-s", "1"]
-    cmd += ["--set", "sleep=0.5", "--set", "iters=24"]
-    waiter = subprocess.Popen(
-        cmd, env=_env(PYTHONPATH=str(tmp_path / "pkgs")), stderr=subprocess.PIPE, text=True
-    )
+    cmd += ["--set", "solver.iterations=24"]
+    env = _env(PYTHONPATH=str(tmp_path / "pkgs"), FAKE_ENGINE_SLEEP="0.5")
+    waiter = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (read_job(run) or {}).get("state") == "running", 120, "the job to run")
     job_id = str(read_job(run)["job_id"])
     _wait_for((run / "checkpoints" / "last.pt").exists, 120, "the first last.pt")
@@ -136,10 +134,10 @@ def test_failed_slurm_job_fails_the_run_with_its_log(tmp_path, write_fake_engine
         "--launcher",
         "slurm",
     ]
-    cmd += ["--engine", engine, "--poll-s", "1", "--set", "fail=1"]
+    cmd += ["--engine", engine, "--poll-s", "1"]
     out = subprocess.run(
         cmd,
-        env=_env(PYTHONPATH=str(tmp_path / "pkgs")),
+        env=_env(PYTHONPATH=str(tmp_path / "pkgs"), FAKE_ENGINE_FAIL="1"),
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,6 +1,9 @@
 """Launchers: one job per run that trains then evaluates (docs/pipeline.md, "One run").
 
-- :mod:`hcformer.launch.run`: ``hcformer run`` (submit through a launcher and wait);
+- :mod:`hcformer.launch.create`: creating a run folder, the one place a config is resolved
+  (:func:`~hcformer.launch.create.create_run`);
+- :mod:`hcformer.launch.run`: what ``hcformer run`` does (create, submit through a launcher,
+  wait);
 - :mod:`hcformer.launch.job`: what a job runs (:class:`~hcformer.launch.job.RunJob`, submitit's
   checkpointable callable);
 - :mod:`hcformer.launch.executors`: submitit's ``slurm`` and ``local`` executors, SLURM options,
