@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +114,8 @@ def inference_options(args: argparse.Namespace):
     :func:`add_inference_arguments` flags."""
     from hcformer.models.fuse import InferenceOptions  # loaded already by the flags above
 
-    return InferenceOptions(
-        fuse=args.fuse,
-        channels_last=args.channels_last,
-        dtype=args.dtype,
-        compile=args.compile,
-        cuda_graph=args.cuda_graph,
-    )
+    # Each field is the flag of the same name.
+    return InferenceOptions(**{f.name: getattr(args, f.name) for f in fields(InferenceOptions)})
 
 
 def print_json(data: Any) -> None:

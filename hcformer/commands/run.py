@@ -7,6 +7,7 @@ then one job per run trains and evaluates it: :mod:`hcformer.launch.run`.
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 from hcformer.commands._args import (
     add_experiment_or_config,
@@ -91,21 +92,9 @@ def _slurm_options(args: argparse.Namespace) -> SlurmOptions:
                 f"--sbatch {item!r}: expected FLAG=VALUE, e.g. --sbatch exclude=node1"
             )
         extra[key.lstrip("-")] = value
-    return SlurmOptions(
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        constraint=args.constraint,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task,
-        mem_gb=args.mem_gb,
-        time_min=args.time_min,
-        signal_delay_s=args.signal_delay_s,
-        setup=args.setup,
-        extra=extra,
-    )
+    # Every other SlurmOptions field is the flag of the same name.
+    named = {f.name: getattr(args, f.name) for f in fields(SlurmOptions) if f.name != "extra"}
+    return SlurmOptions(**named, extra=extra)
 
 
 def main(argv: list[str]) -> int:
