@@ -141,6 +141,11 @@ class Table:
     figure: bool = False  # the table has a figure of its ablation (hcformer figures)
     kinds: dict[str, str] = field(default_factory=dict)  # column -> metric, profile or setting
 
+    @property
+    def experiment_ids(self) -> list[str]:
+        """The experiments the table needs, each once, in row order (quoted rows need none)."""
+        return list(dict.fromkeys(i for row in self.rows for i in row.experiment_ids))
+
     def row(self, label: str) -> Row:
         for row in self.rows:
             if row.label == label:
@@ -674,5 +679,4 @@ def experiments_for_table(
     """The experiments a table needs, in row order (quoted-only rows need none)."""
     table = load_table(table_id, root)
     experiments = all_experiments(scale, root)
-    ids = list(dict.fromkeys(i for row in table.rows for i in row.experiment_ids))
-    return [experiments[i] for i in ids]
+    return [experiments[i] for i in table.experiment_ids]

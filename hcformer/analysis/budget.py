@@ -277,9 +277,7 @@ def campaign_budget(
         fixed = fixed if extra_fixed is None else extra_fixed
     experiments = all_experiments("paper")
     chosen = [load_table(t) for t in tables] if tables else load_tables()
-    per_table = {
-        t.id: list(dict.fromkeys(i for row in t.rows for i in row.experiment_ids)) for t in chosen
-    }
+    per_table = {t.id: t.experiment_ids for t in chosen}
     ids = sorted({i for needed in per_table.values() for i in needed})
     lines = {i: budget_line(experiments[i], figure_for(experiments[i].config, figures), fixed,
                             seeds) for i in ids}  # fmt: skip

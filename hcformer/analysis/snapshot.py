@@ -106,7 +106,7 @@ def build(
     experiments = all_experiments(scale)
     skipped = {e.id for e in experiments.values() if e.requires and e.requires in skip_requires}
     paper_tables = load_tables()
-    needed = [i for t in paper_tables for row in t.rows for i in row.experiment_ids]
+    needed = [i for t in paper_tables for i in t.experiment_ids]
     ids = mlflow_run_ids(mlflow_uri, scale, {e.dataset for e in experiments.values()})
     runs = collect_runs(results, sorted(set(experiments) | set(needed)), seeds, ids)
     snap.runs = Counter(

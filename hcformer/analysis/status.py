@@ -56,9 +56,7 @@ def campaign_status(
 ) -> list[TableStatus]:
     """The status of every paper table (or one), from the run folders under ``results``."""
     tables = [load_table(table_id)] if table_id else load_tables()
-    needed = {
-        t.id: list(dict.fromkeys(i for row in t.rows for i in row.experiment_ids)) for t in tables
-    }
+    needed = {t.id: t.experiment_ids for t in tables}
     experiments = sorted({e for ids in needed.values() for e in ids})
     slurm, asked = slurm_states(pending_slurm_jobs(results, experiments, seeds))
     now = time.time()

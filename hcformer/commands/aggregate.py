@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     ids = aggregate.mlflow_run_ids(args.mlflow_uri, args.scale, datasets)
     if args.table:
         table = load_table(args.table)
-        needed = list(dict.fromkeys(i for row in table.rows for i in row.experiment_ids))
+        needed = table.experiment_ids
         runs = aggregate.collect_runs(results, needed, args.seeds, ids)
         profile_path = Path(args.profile) if args.profile else None
         cells = aggregate.table_cells(
