@@ -47,22 +47,20 @@ def build_criterion(cfg: Config) -> SetCriterion | PerPixelCriterion:
     loss = cfg.loss
     if head_entry(cfg.model.head.type).per_pixel:
         return PerPixelCriterion(reg_weight=loss.reg_weight)
-    matcher = HungarianMatcher(
-        class_weight=loss.class_weight,
-        mask_weight=loss.mask_weight,
-        dice_weight=loss.dice_weight,
-        num_points=loss.num_points,
-    )
+    # The matcher's cost weighs what the loss weighs, at the same number of points.
+    shared = {
+        "class_weight": loss.class_weight,
+        "mask_weight": loss.mask_weight,
+        "dice_weight": loss.dice_weight,
+        "num_points": loss.num_points,
+    }
     return SetCriterion(
         num_classes=cfg.model.num_classes,
-        matcher=matcher,
-        class_weight=loss.class_weight,
-        mask_weight=loss.mask_weight,
-        dice_weight=loss.dice_weight,
+        matcher=HungarianMatcher(**shared),
         no_object_weight=loss.no_object_weight,
         reg_weight=loss.reg_weight,
-        num_points=loss.num_points,
         oversample_ratio=loss.oversample_ratio,
         importance_sample_ratio=loss.importance_sample_ratio,
         deep_supervision=loss.deep_supervision,
+        **shared,
     )
