@@ -30,6 +30,7 @@ from hcformer.analysis.aggregate import (
     write_cells,
     write_runs,
 )
+from hcformer.experiments import all_experiments, load_tables
 from hcformer.runfolder import RunState
 
 RUN_STATES = tuple(state.table_word for state in RunState)  # done, running, failed, missing
@@ -97,8 +98,8 @@ def build(
 ) -> Snapshot:
     """Write the snapshot of ``results`` (a scale's root, e.g. ``results/paper``) to ``out``
     (default ``<results>/snapshot``)."""
+    # Here: figures loads seaborn and matplotlib (1.3 s), which only a snapshot needs.
     from hcformer.analysis import figures, report, tables
-    from hcformer.experiments import all_experiments, load_tables
 
     results = Path(results)
     out = Path(out) if out is not None else results / "snapshot"

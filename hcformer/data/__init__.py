@@ -33,7 +33,9 @@ Entry points (docs/interfaces.md):
 - ``panoptic_to_semantic(pan_seg, segments)``: the semantic view of a panoptic id map.
 - ``write_synthetic(dataset, out, images, size, seed, val_images)`` and ``hcformer synth-data``.
 
-Imports are lazy so that ``hcformer synth-data`` does not pay for torch.
+The readers import no torch; the names of ``_LAZY`` below load on first use, so that importing a
+reader (``hcformer synth-data``, ``hcformer evaluate-semantic``) does not pay for torch
+(``transforms``) or need pycocotools (``synthetic``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from hcformer.data.ade20k import ADE20KDataset
+from hcformer.data.cityscapes import CityscapesDataset
+from hcformer.data.coco_instance import COCOInstanceDataset
+from hcformer.data.coco_panoptic import COCOPanopticDataset
+from hcformer.errors import ConfigError
 
 if TYPE_CHECKING:
     from hcformer.config import DataConfig
@@ -68,11 +76,6 @@ def __getattr__(name: str) -> Any:
 
 
 def dataset_class(name: str) -> type:
-    from hcformer.data.ade20k import ADE20KDataset
-    from hcformer.data.cityscapes import CityscapesDataset
-    from hcformer.data.coco_instance import COCOInstanceDataset
-    from hcformer.data.coco_panoptic import COCOPanopticDataset
-
     classes = {
         "coco_panoptic": COCOPanopticDataset,
         "coco_instance": COCOInstanceDataset,
@@ -80,19 +83,17 @@ def dataset_class(name: str) -> type:
         "cityscapes": CityscapesDataset,
     }
     if name not in classes:
-        from hcformer.errors import ConfigError
-
         raise ConfigError(f"data.dataset: {name!r} is not one of {sorted(classes)}")
     return classes[name]
 
 
 def build_dataset(cfg: DataConfig, split: str) -> Dataset:
     """The reader of ``cfg.dataset`` for ``split`` ("train" or "val"); see the module docstring."""
-    from hcformer.errors import ConfigError
-
     if split not in ("train", "val"):
         raise ConfigError(f"split {split!r}: expected 'train' or 'val'")
     if cfg.synthetic is not None:
+        # Here: the synthetic writer needs pycocotools, which a machine that only trains on
+        # real data (a GPU node) need not have.
         from hcformer.data.synthetic import ensure_synthetic
 
         ensure_synthetic(cfg)

@@ -38,7 +38,7 @@ def ann_to_mask(segmentation: Any, height: int, width: int, where: str) -> np.nd
     Polygons with fewer than 3 points are dropped, and an annotation left with none gives
     ``None`` (skipped, as detectron2's ``load_coco_json`` does).
     """
-    from pycocotools import mask as mask_util
+    from pycocotools import mask as mask_util  # here: only COCO needs it (GPU images lack it)
 
     try:
         if isinstance(segmentation, list):  # polygons

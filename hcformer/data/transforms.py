@@ -178,7 +178,7 @@ def _affine(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
 
 def adjust_saturation(bgr: np.ndarray, factor: float) -> np.ndarray:
     """Scale S of OpenCV's uint8 HSV (clipped, truncated); BGR uint8 in and out."""
-    import cv2
+    import cv2  # here: only the colour augmentation needs OpenCV; a machine without it trains
 
     hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
     hsv[:, :, 1] = _affine(hsv[:, :, 1], alpha=factor)
@@ -187,7 +187,7 @@ def adjust_saturation(bgr: np.ndarray, factor: float) -> np.ndarray:
 
 def shift_hue(bgr: np.ndarray, delta: int) -> np.ndarray:
     """Add ``delta`` to H of OpenCV's uint8 HSV (H in 0..179) modulo 180; BGR uint8 in and out."""
-    import cv2
+    import cv2  # here: only the colour augmentation needs OpenCV; a machine without it trains
 
     hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
     hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int64) + delta) % 180

@@ -22,7 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hcformer.config import Config
+from hcformer.data.transforms import collate, pad_images, train_transform
+from hcformer.engine.randomness import augmentation_rng, dataset_index
 from hcformer.engine.signals import STOP_SIGNALS
+from hcformer.models.hcformer import PIXEL_MEAN
 
 # One pass of one iteration: images uint8 or float32 [B, 3, H, W] (0..255), per-image targets ({"labels",
 # "masks"} and "sem_seg" where the dataset has it), and the global indices of its samples.
@@ -49,8 +52,6 @@ def train_pad_value(cfg: Config) -> float | tuple[float, ...]:
 def eval_pad_value() -> tuple[float, ...]:
     """The image value of test padding: the pixel mean the models subtract, so that the padding
     is exactly 0 after normalisation (the authors normalise, then pad the batch with 0)."""
-    from hcformer.models.hcformer import PIXEL_MEAN
-
     return PIXEL_MEAN
 
 
@@ -79,9 +80,6 @@ class TrainBatches(Dataset):
 
     def sample(self, iteration: int, global_index: int) -> dict[str, Any]:
         """One augmented sample, keyed by (seed, iteration, global index)."""
-        from hcformer.data import train_transform
-        from hcformer.engine.randomness import augmentation_rng, dataset_index
-
         position = iteration * self.cfg.solver.batch_size + global_index
         record = self.dataset.load(dataset_index(self.seed, position, len(self.dataset)))
         return train_transform(
@@ -94,9 +92,6 @@ class TrainBatches(Dataset):
         """The samples ``indices`` of ``iteration``, collated and padded to
         :func:`train_pad_size` (images with :func:`train_pad_value`, masks with zeros, semantic
         labels with 255)."""
-        from hcformer.data import collate
-        from hcformer.data.transforms import pad_images
-
         pad = train_pad_value(self.cfg)
         batch = collate(
             [self.sample(iteration, j) for j in indices], size_divisibility=32, pad_value=pad

@@ -70,6 +70,8 @@ def evaluate_instance(
     image_ids: Iterable[int] | None = None,
 ) -> dict[str, Any]:
     """COCO segm AP (and boundary AP) in percent; ``image_ids`` restricts the images scored."""
+    # Here, not at the top: only AP needs pycocotools, which GPU images without it lack, and
+    # the semantic metrics of this package run there.
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -91,7 +93,7 @@ def evaluate_instance(
     ev.params.imgIds = ids
     out.update(_stats(ev))
     if boundary:
-        from faster_coco_eval import COCO as FCOCO
+        from faster_coco_eval import COCO as FCOCO  # here: only boundary AP needs it
         from faster_coco_eval import COCOeval_faster
 
         fgt = FCOCO(str(gt_json))

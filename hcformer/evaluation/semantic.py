@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from hcformer.data.base import IGNORE_LABEL, read_label_png
+from hcformer.data import ade20k, cityscapes
+from hcformer.data.base import IGNORE_LABEL, field_of, read_json, read_label_png, read_panoptic_png
+from hcformer.data.coco_panoptic import panoptic_to_semantic, parse_categories, parse_segments
 from hcformer.errors import DataError
 
 MEANS = {"ade20k": "detectron2", "coco_panoptic": "detectron2", "cityscapes": "cityscapes"}
@@ -85,28 +87,17 @@ class ConfusionMatrix:
 def _pairs(dataset: str, gt_dir: Path, gt_json: Path | None) -> Iterator[tuple[str, Any]]:
     """(stem, loader of the train-id ground truth) for every image of the split."""
     if dataset == "ade20k":
-        from hcformer.data.ade20k import label_to_train_ids
-
         files = sorted(gt_dir.glob("*.png"))
         k = len(_categories(dataset, gt_dir, gt_json))
         for f in files:
-            yield f.stem, lambda f=f: label_to_train_ids(read_label_png(f), k, f)
+            yield f.stem, lambda f=f: ade20k.label_to_train_ids(read_label_png(f), k, f)
     elif dataset == "cityscapes":
-        from hcformer.data.cityscapes import label_ids_to_train_ids
-
         for f in sorted(gt_dir.glob("*/*_gtFine_labelIds.png")):
             yield (
                 f.name[: -len("_gtFine_labelIds.png")],
-                lambda f=f: label_ids_to_train_ids(read_label_png(f)),
+                lambda f=f: cityscapes.label_ids_to_train_ids(read_label_png(f)),
             )
     elif dataset == "coco_panoptic":
-        from hcformer.data.base import field_of, read_json, read_panoptic_png
-        from hcformer.data.coco_panoptic import (
-            panoptic_to_semantic,
-            parse_categories,
-            parse_segments,
-        )
-
         if gt_json is None:
             raise DataError("coco_panoptic: the semantic view needs --gt-json (the panoptic JSON)")
         data = read_json(gt_json, "COCO panoptic annotations")
@@ -125,16 +116,9 @@ def _pairs(dataset: str, gt_dir: Path, gt_json: Path | None) -> Iterator[tuple[s
 
 def _categories(dataset: str, gt_dir: Path, gt_json: Path | None) -> list[dict[str, Any]]:
     if dataset == "ade20k":
-        from hcformer.data.ade20k import categories
-
-        return categories(gt_dir.parent.parent)
+        return ade20k.categories(gt_dir.parent.parent)
     if dataset == "cityscapes":
-        from hcformer.data.cityscapes import categories
-
-        return categories()
-    from hcformer.data.base import read_json
-    from hcformer.data.coco_panoptic import parse_categories
-
+        return cityscapes.categories()
     if gt_json is None:
         raise DataError("coco_panoptic: the semantic view needs --gt-json (the panoptic JSON)")
     return parse_categories(

@@ -145,7 +145,7 @@ def client(uri: str):
     """An ``MlflowClient`` for ``uri`` (importing mlflow on first use)."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # here: 1.0 s, and GPU nodes may lack mlflow
 
     return MlflowClient(tracking_uri=uri)
 
