@@ -220,6 +220,26 @@ def test_collate_pads_to_multiples_of_32():
         collate([a], pad_value=(1.0, 2.0))
 
 
+def test_collate_pads_to_the_fixed_training_size_in_one_pass():
+    """``min_size`` (training batches): images, masks and labels reach it with their fills, the
+    same as padding the divisible batch again; a batch already larger keeps its size."""
+    b = train_transform(coded_record(80, 120, "semantic"), CROP, np.random.default_rng(0))
+    small = collate([b], pad_value=128)  # 64x64
+    big = collate([b], pad_value=128, min_size=(96, 128))
+    assert small["images"].shape[-2:] == (64, 64) and big["images"].shape[-2:] == (96, 128)
+    want = T.pad_images(list(small["images"]), (96, 128), 128)
+    assert big["images"].dtype == torch.uint8 and torch.equal(big["images"], want)
+    t, s = big["targets"][0], small["targets"][0]
+    assert torch.equal(t["sem_seg"][:64, :64], s["sem_seg"]) and (t["sem_seg"][64:] == 255).all()
+    assert (t["sem_seg"][:, 64:] == 255).all()
+    masks = t["instances"]["masks"]
+    assert masks.shape[-2:] == (96, 128) and torch.equal(
+        masks[:, :64, :64], s["instances"]["masks"]
+    )
+    assert not masks[:, 64:].any() and not masks[:, :, 64:].any()
+    assert collate([b], pad_value=128, min_size=(32, 32))["images"].shape[-2:] == (64, 64)
+
+
 def normalised(images: torch.Tensor) -> torch.Tensor:
     """What the models feed their backbone: (x - mean) / std with float32 buffers."""
     from hcformer.models.hcformer import PIXEL_MEAN, PIXEL_STD

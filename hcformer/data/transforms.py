@@ -304,8 +304,10 @@ def collate(
     size_divisibility: int = 32,
     *,
     pad_value: float | Sequence[float],
+    min_size: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
-    """Pad a list of samples to one size divisible by ``size_divisibility``.
+    """Pad a list of samples to one size divisible by ``size_divisibility``, and at least
+    ``min_size`` (the fixed size of training batches), in one pass.
 
     Returns ``{"images": [B, 3, H, W] (0..255; uint8 or float32 as :func:`pad_images` says),
     "targets": [...], "metas": [...]}``: images padded with ``pad_value`` (one number, or one
@@ -318,7 +320,7 @@ def collate(
     d = max(1, size_divisibility)
     H = max(s["image"].shape[1] for s in samples)
     W = max(s["image"].shape[2] for s in samples)
-    H, W = -(-H // d) * d, -(-W // d) * d
+    H, W = max(-(-H // d) * d, min_size[0]), max(-(-W // d) * d, min_size[1])
     images = pad_images([s["image"] for s in samples], (H, W), pad_value)
     targets = []
     for s in samples:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hcformer.config import Config
-from hcformer.data.transforms import collate, pad_images, train_transform
+from hcformer.data.transforms import collate, train_transform
 from hcformer.engine.randomness import augmentation_rng, dataset_index
 from hcformer.engine.signals import STOP_SIGNALS
 from hcformer.models.hcformer import PIXEL_MEAN
@@ -92,32 +92,19 @@ class TrainBatches(Dataset):
         """The samples ``indices`` of ``iteration``, collated and padded to
         :func:`train_pad_size` (images with :func:`train_pad_value`, masks with zeros, semantic
         labels with 255)."""
-        pad = train_pad_value(self.cfg)
         batch = collate(
-            [self.sample(iteration, j) for j in indices], size_divisibility=32, pad_value=pad
+            [self.sample(iteration, j) for j in indices],
+            size_divisibility=32,
+            pad_value=train_pad_value(self.cfg),
+            min_size=train_pad_size(self.cfg),
         )
-        height, width = train_pad_size(self.cfg)
-        images = batch["images"]
-        if images.shape[-2] < height or images.shape[-1] < width:
-            size = (max(height, images.shape[-2]), max(width, images.shape[-1]))
-            images = pad_images(list(images), size, pad)
         targets = []
         for t in batch["targets"]:
-            masks = t["instances"]["masks"]
-            if tuple(masks.shape[-2:]) != tuple(images.shape[-2:]):
-                grown = masks.new_zeros((masks.shape[0], *images.shape[-2:]))
-                grown[:, : masks.shape[-2], : masks.shape[-1]] = masks
-                masks = grown
-            target = {"labels": t["instances"]["labels"], "masks": masks}
+            target = {"labels": t["instances"]["labels"], "masks": t["instances"]["masks"]}
             if "sem_seg" in t:
-                sem = t["sem_seg"]
-                if tuple(sem.shape) != tuple(images.shape[-2:]):
-                    grown = torch.full(tuple(images.shape[-2:]), 255, dtype=sem.dtype)
-                    grown[: sem.shape[0], : sem.shape[1]] = sem
-                    sem = grown
-                target["sem_seg"] = sem
+                target["sem_seg"] = t["sem_seg"]
             targets.append(target)
-        return images, targets
+        return batch["images"], targets
 
 
 def to_device(
