@@ -67,6 +67,7 @@ from hcformer.runfolder import (
     FINAL_WEIGHTS,
     METRICS,
     PREDICTIONS,
+    SCORES,
     VISUAL,
     write_json_atomic,
 )
@@ -157,7 +158,7 @@ class Evaluator:
         scores["iterations"] = self.iterations
         scores["images"] = len(ds)
         scores["eval_seconds"] = round(time.perf_counter() - started, 3)
-        write_json_atomic(out_dir / "scores.json", details)
+        write_json_atomic(out_dir / SCORES, details)
         if final:
             write_json_atomic(self.run_dir / METRICS, scores)
         return scores

@@ -30,6 +30,7 @@ PREV_CHECKPOINT = "prev.pt"
 FINAL_WEIGHTS = "model_final.pt"
 # Written by the evaluation, metrics.json last (its presence means the run is done).
 PREDICTIONS = "predictions"
+SCORES = "scores.json"  # in predictions/: the per-class and per-image details of each metric
 VISUAL = "visual"
 METRICS = "metrics.json"
 # A second name (hard link) of a finished run's metrics.json: when Snakemake deletes the file to
