@@ -648,6 +648,16 @@ def _all_experiments(root: Path, scale: str) -> dict[str, Experiment]:
     return {exp_id: _experiment(root, scale, exp_id) for exp_id in sorted(_uses(root))}
 
 
+def pretrained_weights(scale: str = "paper") -> dict[str, list[str]]:
+    """Each ``model.backbone.pretrained`` value the experiments of ``scale`` start from -> the
+    ids of those experiments (what ``hcformer fetch-weights`` downloads)."""
+    users: dict[str, list[str]] = {}
+    for exp in all_experiments(scale).values():
+        if exp.config.model.backbone.pretrained:
+            users.setdefault(exp.config.model.backbone.pretrained, []).append(exp.id)
+    return users
+
+
 def all_experiments(scale: str = "paper", root: str | Path | None = None) -> dict[str, Experiment]:
     """Every unique experiment of every table, keyed by canonical id, resolved at ``scale``
     (a copy: callers may change the configs)."""

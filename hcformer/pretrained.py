@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import huggingface_hub
 
 from hcformer.errors import HCFormerError
-from hcformer.experiments import all_experiments
 
 WEIGHTS_ENV = "HCFORMER_WEIGHTS"
 SUFFIXES = (".safetensors", ".pth", ".bin")
@@ -99,20 +98,24 @@ def download(name: str, folder: Path) -> Path:
     return dst
 
 
-def paper_weights(scale: str = "paper") -> dict[str, list[str]]:
-    """``timm:`` names the experiments of ``scale`` start from -> the experiment ids."""
-    names: dict[str, list[str]] = {}
-    for exp in all_experiments(scale).values():
-        spec = exp.config.model.backbone.pretrained
-        if spec.startswith(TIMM_PREFIX):
-            names.setdefault(spec[len(TIMM_PREFIX) :], []).append(exp.id)
-    return names
+def timm_weights(specs: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """The ``timm:<name>`` values among ``model.backbone.pretrained`` values (-> their users),
+    by name."""
+    return {s[len(TIMM_PREFIX) :]: users for s, users in specs.items() if s.startswith(TIMM_PREFIX)}
 
 
-def fetch_weights(folder: Path, scale: str = "paper", log: Callable[[str], None] = print) -> int:
-    """Download into ``folder`` every checkpoint the experiments of ``scale`` start from that
-    it lacks, saying what each one is (``log``); returns how many were downloaded."""
-    names = paper_weights(scale)
+def fetch_weights(
+    folder: Path,
+    specs: Mapping[str, list[str]],
+    *,
+    scale: str,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Download into ``folder`` every ``timm:`` checkpoint of ``specs`` (the
+    ``model.backbone.pretrained`` values of a scale's experiments -> the experiment ids:
+    :func:`hcformer.experiments.pretrained_weights`) that it lacks, saying what each one is
+    (``log``); returns how many were downloaded."""
+    names = timm_weights(specs)
     if not names:
         log(f"fetch-weights: the {scale} scale names no pretrained timm weights")
         return 0

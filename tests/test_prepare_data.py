@@ -25,6 +25,7 @@ from hcformer.config import build_config
 from hcformer.data import build_dataset
 from hcformer.data.check import check_scale, scale_needs
 from hcformer.data.prepare import MissingInput, check_layout, prepare
+from hcformer.experiments import pretrained_weights
 
 FIX = Path(__file__).parent / "fixtures"
 PAN = FIX / "coco_panoptic_val2017"
@@ -297,7 +298,7 @@ def test_fetch_weights_fills_one_folder_and_backbones_load_from_it(tmp_path, mon
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub_download)
     folder = tmp_path / "weights"
     assert fetch_weights.main(["--dir", str(folder)]) == 0
-    names = sorted(pretrained.paper_weights())
+    names = sorted(pretrained.timm_weights(pretrained_weights()))
     assert sorted(r for r, _ in downloads) == [f"timm/{n}" for n in names]
     assert sorted(p.name for p in folder.iterdir()) == [f"{n}.safetensors" for n in names]
     capsys.readouterr()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hcformer.commands._args import add_scale, command_parser
+from hcformer.experiments import pretrained_weights
 from hcformer.pretrained import WEIGHTS_ENV, fetch_weights, weights_dir
 
 
@@ -21,5 +22,6 @@ def main(argv: list[str]) -> int:
     )
     add_scale(parser, checked=False)
     args = parser.parse_args(argv)
-    fetch_weights(Path(args.dir) if args.dir else weights_dir(), args.scale)
+    folder = Path(args.dir) if args.dir else weights_dir()
+    fetch_weights(folder, pretrained_weights(args.scale), scale=args.scale)
     return 0
