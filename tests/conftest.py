@@ -4,7 +4,7 @@ Stand-in run folders for the analysis commands (``hcformer aggregate``, ``tables
 ``snakemake snapshot``): ``write_run``, ``fill_table``, ``aggregate``, ``paper_values``,
 ``campaign_tree``, ``pq_cells``, ``table5_experiments``. A stand-in engine for the launchers
 (``hcformer run --engine``): ``write_fake_engine``. The loss with the paper's weights:
-``make_criterion``.
+``make_criterion``. The engine tests' few-channel HCFormer on synthetic ADE20K: ``tiny_ade20k``.
 
 Each fixture hands out a plain function and holds no state, so they are session-scoped and
 module-scoped fixtures may use them. Heavy imports happen inside the functions.
@@ -240,6 +240,62 @@ def write_fake_engine() -> Callable[[Path], str]:
     ``run.json``). Every start of train appends a line ``<pid> <SLURM_RESTART_COUNT or ->`` to
     ``starts.txt`` in the run folder."""
     return _write_fake_engine
+
+
+# --------------------------------------------------------------------------------------
+# A model the engine trains in seconds
+
+
+def _tiny_ade20k(root: Path, level: int = 3, **sections: dict) -> dict:
+    """A few-channel HCFormer-R50 (DCNv2, ``level`` clustering modules, 6 queries, 2 decoder
+    layers) on synthetic ADE20K at ``root`` (4 + 2 images of 64x64, scale-and-crop to 64x64,
+    made in the training process), tracking off; ``sections`` merged over it
+    (``hcformer.config.merge``). A dict for ``build_config``."""
+    from hcformer.config import merge
+
+    base = {
+        "model": {
+            "num_classes": 8,
+            "backbone": {
+                "name": "resnet50",
+                "hierarchy_level": level,
+                "dcnv2": True,
+                "cluster_dim": 16,
+                "depths": [1, 1, 1, 1],
+                "widths": [8, 16, 32, 64],
+                "stem_width": 8,
+            },
+            "head": {
+                "queries": 6,
+                "decoder_layers": 2,
+                "hidden_dim": 32,
+                "nheads": 4,
+                "dim_feedforward": 64,
+                "mask_dim": 32,
+            },
+        },
+        "data": {
+            "dataset": "ade20k",
+            "task": "semantic",
+            "root": str(root),
+            "synthetic": {"train_images": 4, "val_images": 2, "size": [64, 64], "seed": 0},
+            "train_split": "training",
+            "val_split": "validation",
+            "augmentation": "scale_crop",
+            "scale_range": [0.5, 2.0],
+            "crop": [64, 64],
+            "num_workers": 0,
+        },
+        "tracking": {"enabled": False},
+    }
+    return merge(base, sections)
+
+
+@pytest.fixture(scope="session")
+def tiny_ade20k() -> Callable[..., dict]:
+    """``tiny_ade20k(root, level=3, **sections)``: the engine tests' config dict (see
+    :func:`_tiny_ade20k`)."""
+    return _tiny_ade20k
 
 
 # --------------------------------------------------------------------------------------

@@ -23,58 +23,35 @@ torch.set_num_threads(1)
 ITERATIONS = 10
 
 
-def tiny_config(root: Path, **solver) -> dict:
-    return {
-        "model": {
-            "num_classes": 8,
-            "backbone": {
-                "name": "resnet50",
-                "hierarchy_level": 3,
-                "dcnv2": True,
-                "cluster_dim": 16,
-                "depths": [1, 1, 1, 1],
-                "widths": [8, 16, 32, 64],
-                "stem_width": 8,
+@pytest.fixture(scope="module")
+def tiny_config(tiny_ade20k):
+    """``tiny_config(root)``: the engine tests' tiny HCFormer on 12 + 4 images with colour
+    jitter, ``ITERATIONS`` poly-decayed fp32 iterations of 2, a checkpoint every 2 (a dict)."""
+
+    def make(root: Path) -> dict:
+        return tiny_ade20k(
+            root,
+            data={
+                "synthetic": {"train_images": 12, "val_images": 4},
+                "color_jitter": True,
+                "test_short": 64,
+                "test_max": 64,
             },
-            "head": {
-                "queries": 6,
-                "decoder_layers": 2,
-                "hidden_dim": 32,
-                "nheads": 4,
-                "dim_feedforward": 64,
-                "mask_dim": 32,
+            solver={
+                "iterations": ITERATIONS,
+                "batch_size": 2,
+                "lr": 1e-3,
+                "schedule": "poly",
+                "clip_grad": 0.01,
+                "amp": False,
+                "checkpoint_every": 2,
+                "log_every": 1,
             },
-        },
-        "data": {
-            "dataset": "ade20k",
-            "task": "semantic",
-            "root": str(root),
-            "synthetic": {"train_images": 12, "val_images": 4, "size": [64, 64], "seed": 0},
-            "train_split": "training",
-            "val_split": "validation",
-            "augmentation": "scale_crop",
-            "scale_range": [0.5, 2.0],
-            "crop": [64, 64],
-            "color_jitter": True,
-            "test_short": 64,
-            "test_max": 64,
-            "num_workers": 0,
-        },
-        "solver": {
-            "iterations": ITERATIONS,
-            "batch_size": 2,
-            "lr": 1e-3,
-            "schedule": "poly",
-            "clip_grad": 0.01,
-            "amp": False,
-            "checkpoint_every": 2,
-            "log_every": 1,
-            **solver,
-        },
-        "loss": {"num_points": 64},
-        "test": {"batch_size": 2, "visual_images": 2},
-        "tracking": {"enabled": False},
-    }
+            loss={"num_points": 64},
+            test={"batch_size": 2, "visual_images": 2},
+        )
+
+    return make
 
 
 def hcformer(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -94,7 +71,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tmp_path_factory, tiny_config) -> Path:
     work = tmp_path_factory.mktemp("engine")
     cfg = tiny_config(work / "data" / "ade20k")
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
@@ -272,7 +249,7 @@ def test_benchmark_train_writes_timing_json(work, tmp_path):
     assert result["images_per_second"] == pytest.approx(2 / result["seconds_per_iteration"])
 
 
-def test_data_workers_make_the_same_batches_as_the_training_process(work, reference):
+def test_data_workers_make_the_same_batches_as_the_training_process(work, reference, tiny_config):
     """Samples are keyed by (seed, iteration, index): DataLoader workers prefetch exactly the
     batches the training process would make, in order, from any start."""
     from hcformer.config import build_config

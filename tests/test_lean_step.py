@@ -250,54 +250,22 @@ def test_summary_values_on_the_device_equal_summarize(make_criterion):
 # No host synchronisation in a training step.
 
 
-def tiny_config(root: Path, level: int = 3):
+@pytest.fixture
+def tiny_config(tiny_ade20k):
+    """``tiny_config(root, level=3)``: the engine tests' tiny HCFormer, 4 AMP iterations of 2."""
     from hcformer.config import build_config
 
-    return build_config(
-        {
-            "model": {
-                "num_classes": 8,
-                "backbone": {
-                    "name": "resnet50",
-                    "hierarchy_level": level,
-                    "dcnv2": True,
-                    "cluster_dim": 16,
-                    "depths": [1, 1, 1, 1],
-                    "widths": [8, 16, 32, 64],
-                    "stem_width": 8,
-                },
-                "head": {
-                    "queries": 6,
-                    "decoder_layers": 2,
-                    "hidden_dim": 32,
-                    "nheads": 4,
-                    "dim_feedforward": 64,
-                    "mask_dim": 32,
-                },
-            },
-            "data": {
-                "dataset": "ade20k",
-                "task": "semantic",
-                "root": str(root),
-                "synthetic": {"train_images": 4, "val_images": 2, "size": [64, 64], "seed": 0},
-                "train_split": "training",
-                "val_split": "validation",
-                "augmentation": "scale_crop",
-                "scale_range": [0.5, 2.0],
-                "crop": [64, 64],
-                "num_workers": 0,
-            },
-            "solver": {"iterations": 4, "batch_size": 2, "clip_grad": 0.01, "amp": True},
-            "loss": {"num_points": 32},
-            "tracking": {"enabled": False},
-        }
-    )
+    def make(root: Path, level: int = 3):
+        solver = {"iterations": 4, "batch_size": 2, "clip_grad": 0.01, "amp": True}
+        return build_config(tiny_ade20k(root, level, solver=solver, loss={"num_points": 32}))
+
+    return make
 
 
-def tiny_trainer(root: Path, run_dir: Path, level: int = 3):
+def tiny_trainer(cfg, run_dir: Path):
     from hcformer.engine.train import Trainer
 
-    trainer = Trainer(tiny_config(root, level), run_dir, seed=0, info={})
+    trainer = Trainer(cfg, run_dir, seed=0, info={})
     trainer.setup()
     return trainer
 
@@ -347,12 +315,12 @@ def host_reads_forbidden():
 
 
 @pytest.mark.parametrize("level", [0, 3])
-def test_a_cpu_training_step_reads_nothing_but_the_matching_costs(tmp_path, level):
+def test_a_cpu_training_step_reads_nothing_but_the_matching_costs(tmp_path, level, tiny_config):
     """The step reads no tensor value on the host (``.item()``, ``.cpu()``, ``.tolist()``,
     ``float()``, ``bool()``, ...) except the one copy of every set's cost matrices; the logged
     values come at the next read. L = 0: dense stride-32 masks; L = 3: coefficients over the
     decoded basis (the tiny path)."""
-    trainer = tiny_trainer(tmp_path / "data", tmp_path / "run", level=level)
+    trainer = tiny_trainer(tiny_config(tmp_path / "data", level), tmp_path / "run")
     batch = trainer.batches[0]
     with host_reads_forbidden() as copies:
         keys, values = trainer.step(batch)
@@ -365,10 +333,12 @@ def test_a_cpu_training_step_reads_nothing_but_the_matching_costs(tmp_path, leve
     assert all(np.isfinite(v) for v in totals.values())
 
 
-def test_a_non_finite_loss_is_caught_at_the_read_and_never_saved(tmp_path, monkeypatch):
+def test_a_non_finite_loss_is_caught_at_the_read_and_never_saved(
+    tmp_path, monkeypatch, tiny_config
+):
     from hcformer.errors import HCFormerError
 
-    trainer = tiny_trainer(tmp_path / "data", tmp_path / "run")
+    trainer = tiny_trainer(tiny_config(tmp_path / "data"), tmp_path / "run")
     trainer.step(trainer.batches[0])
     real = trainer.criterion.forward
     monkeypatch.setattr(
@@ -384,10 +354,10 @@ def test_a_non_finite_loss_is_caught_at_the_read_and_never_saved(tmp_path, monke
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_cuda_training_step_synchronises_only_for_the_matching(tmp_path):
+def test_a_cuda_training_step_synchronises_only_for_the_matching(tmp_path, tiny_config):
     """torch.cuda's sync debug mode errors at any synchronising call but the one copy of the
     matching costs (allowed through ``costs_to_host``)."""
-    trainer = tiny_trainer(tmp_path / "data", tmp_path / "run")
+    trainer = tiny_trainer(tiny_config(tmp_path / "data"), tmp_path / "run")
     trainer.step(trainer.batches[0])  # warm-up: lazy initialisation may synchronise
     torch.cuda.synchronize()
     real = criterion_module.costs_to_host
@@ -409,7 +379,7 @@ def test_a_cuda_training_step_synchronises_only_for_the_matching(tmp_path):
     assert len(trainer.read_stats()) == 2
 
 
-def test_benchmark_splits_a_step_into_its_phases():
+def test_benchmark_splits_a_step_into_its_phases(tiny_config):
     """``hcformer benchmark-train``'s split: every phase timed (the criterion marks the end of
     its matching), the phases within the step's time, and one readable line naming them."""
     from hcformer.engine.benchmark import PHASES, readable, time_training
