@@ -648,11 +648,14 @@ def _all_experiments(root: Path, scale: str) -> dict[str, Experiment]:
     return {exp_id: _experiment(root, scale, exp_id) for exp_id in sorted(_uses(root))}
 
 
-def pretrained_weights(scale: str = "paper") -> dict[str, list[str]]:
-    """Each ``model.backbone.pretrained`` value the experiments of ``scale`` start from -> the
-    ids of those experiments (what ``hcformer fetch-weights`` downloads)."""
+def pretrained_weights(scale: str = "paper", dataset: str | None = None) -> dict[str, list[str]]:
+    """Each ``model.backbone.pretrained`` value the experiments of ``scale`` (on ``dataset``,
+    when given) start from -> the ids of those experiments (what ``hcformer fetch-weights``
+    downloads and ``hcformer check-data`` looks for)."""
     users: dict[str, list[str]] = {}
     for exp in all_experiments(scale).values():
+        if dataset and exp.dataset != dataset:
+            continue
         if exp.config.model.backbone.pretrained:
             users.setdefault(exp.config.model.backbone.pretrained, []).append(exp.id)
     return users

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hcformer.data.prepare import MissingInput, check_layout
-from hcformer.experiments import all_experiments
+from hcformer.experiments import all_experiments, pretrained_weights
 from hcformer.pretrained import TIMM_PREFIX, weights_present
 
 
@@ -32,7 +32,6 @@ class DataNeed:
 def scale_needs(scale: str, dataset: str | None = None) -> tuple[list[DataNeed], dict[str, list]]:
     """(the datasets, ``pretrained`` value -> experiment ids) of the experiments of ``scale``."""
     data: dict[tuple[str, str], DataNeed] = {}
-    weights: dict[str, list[str]] = {}
     for exp in all_experiments(scale).values():
         if dataset and exp.dataset != dataset:
             continue
@@ -43,9 +42,7 @@ def scale_needs(scale: str, dataset: str | None = None) -> tuple[list[DataNeed],
             splits = tuple(dict.fromkeys((old.splits if old else ()) + _splits(cfg.data)))
             # ap_th_pan is evaluated where an instances JSON is present; the paper reports it.
             data[key] = DataNeed(cfg.data.dataset, Path(cfg.data.root), splits, True)
-        if cfg.model.backbone.pretrained:
-            weights.setdefault(cfg.model.backbone.pretrained, []).append(exp.id)
-    return list(data.values()), weights
+    return list(data.values()), pretrained_weights(scale, dataset)
 
 
 def _splits(data_cfg) -> tuple[str, ...]:
