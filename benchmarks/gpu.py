@@ -17,7 +17,13 @@ order of priority (what would not fit in the time left is skipped and recorded a
    Swin-L and PSPNet R101 at the paper's crop and batch (halved on out-of-memory), random init;
 4. ``latency`` under ``torch.compile`` (batch 1, float32 then bfloat16) for the pairs
    HC-PSPNet / PSPNet and HCFormer-R50 / MaskFormer-R50, then batch 8, then the ``cityscapes``
-   group at batch 1, then ``torch.compile(mode="reduce-overhead")``.
+   group at batch 1, then ``torch.compile(mode="reduce-overhead")``;
+5. ``profile``: where the device time goes (``torch.profiler``): for the models of
+   :data:`PROFILE` and the Triton eq. (3)+(5) forward+backward, the summed kernel time against
+   the wall time of the call (the gap is host overhead), the kernels that take most of it, and
+   the kernel time under each module (two levels of module names).
+
+``--sections ops,profile`` runs only those sections (the environment is always recorded).
 
 Every section and every measurement is guarded: an out-of-memory or any error is recorded and
 the rest runs. Writes one JSON (``--out``) and a readable table next to it (``.txt``); the ratio
@@ -31,9 +37,12 @@ the package (no mlflow, snakemake, submitit or pycocotools).
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
+import itertools
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -87,6 +96,16 @@ QUICK_MODELS = {  # --quick: the first pair of each group, one model of the city
     "cityscapes": ["FCN-32s"],
 }
 QUICK_TRAINING = ("HCFormer R50 COCO", "PSPNet R101")
+# (group, model, variant) whose device time is broken down by kernel and module.
+PROFILE = (
+    ("cityscapes", "HC-PSPNet", "fused"),
+    ("cityscapes", "PSPNet", "fused"),
+    ("cityscapes", "HC-Deeplabv3", "fused"),
+    ("coco", "HCFormer-R50", "fused_cl"),
+    ("coco", "MaskFormer-R50", "fused_cl"),
+)
+QUICK_PROFILE = (("ade20k", "HC-PSPNet", "fused"),)
+SECTIONS = ("ops", "latency", "training", "profile", "dcn")
 
 
 class Budget:
@@ -166,6 +185,129 @@ def count_kernels(fn: Callable[[], Any], device: torch.device) -> dict[str, int]
     return {"aten_ops": sum(1 for e in events if e.name.startswith("aten::"))}
 
 
+def _annotate(model: torch.nn.Module, depth: int = 2) -> tuple[list[Any], set[str]]:
+    """Wrap each module down to ``depth`` levels of names (``backbone``, ``backbone.layer4``)
+    and every clustering module in a ``torch.profiler.record_function`` of its name; returns the hook handles and names."""
+    handles, names = [], set()
+    for name, module in model.named_modules():
+        clustering = type(module).__name__ == "ClusteringModule"  # eq. (3), at any depth
+        if not name or (name.count(".") >= depth and not clustering):
+            continue
+
+        def enter(mod, args, name=name):
+            mod._profile_region = torch.profiler.record_function(name)
+            mod._profile_region.__enter__()
+
+        def leave(mod, args, output):
+            mod._profile_region.__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        names.add(name)
+    return handles, names
+
+
+def device_profile(
+    fn: Callable[[], Any], device: torch.device, *, regions: set[str] = frozenset(), top: int = 12
+) -> dict:
+    """One call of ``fn`` under ``torch.profiler``: its wall time, the summed time of the
+    device kernels it ran (CPU: of the aten ops, self time), the ``top`` kernels by total time
+    and the time under each ``record_function`` region (:func:`_annotate`'s module names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    return profile_summary(prof, cuda, wall, regions=regions, top=top)
+
+
+def dcn_shapes(size: tuple[int, int], shrink: int = 1) -> list[tuple[int, ...]]:
+    """(in, out, k, H, W) of the six DCNs of an HC ResNet-50 (each stage's strided 3x3 conv2 and
+    1x1 shortcut of res3, res4, res5) for input images of ``size``; channels / ``shrink``."""
+    h, w = size
+    out = []
+    for stage, (mid, c_in) in enumerate(((128, 256), (256, 512), (512, 1024))):
+        hh, ww = h // (4 << stage), w // (4 << stage)
+        out.append((mid // shrink, mid // shrink, 3, hh, ww))
+        out.append((c_in // shrink, 4 * mid // shrink, 1, hh, ww))
+    return out
+
+
+def host_profile(fn: Callable[[], Any], calls: int = 20, top: int = 15) -> list[str]:
+    """cProfile of ``calls`` calls of ``fn`` (after the warm-up done by the caller): the ``top``
+    functions by own time, as text lines (host overhead of a launch-bound call)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()][-top - 1 :]
+
+
+def _kernel_name(name: str) -> str:
+    """A kernel's name short enough to read (namespaces dropped, so that the functor of torch's
+    element-wise kernels shows)."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "at::", "c10::"):
+        name = name.replace(noise, "")
+    return re.sub(r"elementwise_kernel<\d+, \d+, ", "elementwise<", name)[:160]
+
+
+def profile_summary(
+    prof: Any, cuda: bool, wall_s: float, *, regions: set[str] = frozenset(), top: int = 12
+) -> dict:
+    """Kernel time, top kernels and per-region kernel time of a finished ``torch.profiler``:
+    a region's time is the sum of the kernels that ran inside its span on the device (CPU: the
+    region's CPU time)."""
+    from torch.autograd import DeviceType
+
+    kernels: dict[str, list[float]] = {}
+    region_ms: dict[str, float] = {}
+    spans, intervals = [], []
+    for e in prof.events():
+        if cuda and e.device_type == DeviceType.CUDA:
+            if e.name in regions:  # the region's span on the device, not a kernel
+                spans.append((e.name, e.time_range.start, e.time_range.end))
+                continue
+            stat = kernels.setdefault(_kernel_name(e.name), [0, 0.0])
+            stat[0] += 1
+            stat[1] += e.time_range.elapsed_us() / 1e3
+            intervals.append((e.time_range.start, e.time_range.end))
+        elif not cuda and e.name.startswith("aten::"):
+            stat = kernels.setdefault(e.name, [0, 0.0])
+            stat[0] += 1
+            stat[1] += e.self_cpu_time_total / 1e3
+        if not cuda and e.device_type == DeviceType.CPU and e.name in regions:
+            region_ms[e.name] = region_ms.get(e.name, 0.0) + e.cpu_time_total / 1e3
+    intervals.sort()
+    starts = [s for s, _ in intervals]
+    for name, start, end in spans:
+        lo, hi = bisect.bisect_left(starts, start), bisect.bisect_right(starts, end)
+        inside = sum(e - s for s, e in intervals[lo:hi] if e <= end) / 1e3
+        region_ms[name] = region_ms.get(name, 0.0) + inside
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    kernel_ms = sum(v[1] for v in kernels.values())
+    if regions:  # what ran outside every top-level module (e.g. eq. (5) in the model's forward)
+        top_level = sum(ms for name, ms in region_ms.items() if "." not in name)
+        region_ms["(outside modules)"] = kernel_ms - top_level
+    return {
+        "wall_ms": wall_s * 1e3,
+        "kernel_ms": kernel_ms,
+        "kernels": sum(v[0] for v in kernels.values()),
+        "top": [{"name": k, "count": c, "ms": ms} for k, (c, ms) in ranked[:top]],
+        "regions_ms": dict(sorted(region_ms.items(), key=lambda kv: -kv[1])[:40]),
+    }
+
+
 class Runner:
     """Runs the sections, records results, failures and skips (see the module docstring)."""
 
@@ -178,6 +320,7 @@ class Runner:
         self.reps = 2 if self.quick else args.reps
         self.max_s = 0.05 if self.quick else args.max_s
         self.compile_estimate_s = 30.0 if self.quick else 90.0  # updated with measured compiles
+        self.enabled = set(args.sections.split(",")) if args.sections else set(SECTIONS)
 
     # -- bookkeeping
     def section(self, name: str) -> dict[str, Any]:
@@ -186,6 +329,8 @@ class Runner:
         )
 
     def guarded(self, name: str, fn: Callable[[], None]) -> None:
+        if name != "environment" and name not in self.enabled:
+            return
         sec = self.section(name)
         started = time.perf_counter()
         try:
@@ -407,6 +552,156 @@ class Runner:
             _free(self.device)
             estimate = max(estimate, time.perf_counter() - started)
 
+    # -- where the device time goes
+    def profile(self) -> None:
+        import ops_speed
+
+        sec = self.section("profile")
+        plan = QUICK_PROFILE if self.quick else PROFILE
+        for group, label, variant in plan:
+            what = {"group": group, "model": label, "variant": variant}
+            if not self.budget.fits(10.0):
+                self.skip("profile", what, "budget")
+                continue
+            model = None
+            try:
+                spec = bl.GROUPS[group]
+                h, w = QUICK_SIZES[group] if self.quick else spec["size"]
+                images = (
+                    torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 255.0
+                ).to(self.device)
+                plain = bl.build(
+                    label,
+                    spec["num_classes"],
+                    device=str(self.device),
+                    spec_update=self._spec_update,
+                )
+                handles, names = _annotate(plain)
+                model = apply_options(plain, VARIANTS[variant])
+
+                def forward(model=model, images=images):
+                    with torch.inference_mode():
+                        model(images)
+
+                forward(), forward()
+                sec["results"].append(
+                    {**what, "size": [h, w], **device_profile(forward, self.device, regions=names)}
+                )
+                for handle in handles:
+                    handle.remove()
+            except Exception as exc:
+                sec["failed"].append({**what, "error": _error(exc)})
+                traceback.print_exc()
+            model = None
+            _free(self.device)
+        what = {"group": "ops", "model": "eq. (3)+(5) forward+backward", "variant": "triton"}
+        available = ops_speed.available_impls(self.args.device)
+        name = "triton" if "triton" in available else "fast"
+        what["variant"] = name
+        h, w = (16, 24) if self.quick else (200, 304)
+        shape = argparse.Namespace(
+            height=h, width=w, channels=128, decode_channels=100, features_layout="channels_last"
+        )
+        impl = ops_speed._module(name)
+        tensors = [
+            t.detach().to(self.device).requires_grad_(True)
+            for t in ops_speed._inputs(shape, requires_grad=False)
+        ]
+
+        def step():
+            ops_speed._step(impl, *tensors, backward=True)
+
+        step(), step()
+        sec["results"].append({**what, "size": [h, w], **device_profile(step, self.device)})
+        sec["host"] = host_profile(step)
+        if self.budget.fits(30.0):
+            self.guarded("dcn", self.dcn)
+        if self.budget.fits(40.0):
+            self.profile_training(sec)
+
+    def profile_training(self, sec: dict) -> None:
+        """One training step of HCFormer R50 COCO (after one warm-up step) under the profiler:
+        its kernel time and top kernels, forward and backward together."""
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        from hcformer.engine.benchmark import time_training
+        from hcformer.experiments import resolve
+
+        label = "HCFormer R50 COCO"
+        cfg = resolve(TRAINING[label], "tiny" if self.quick else "paper")
+        backbone = dataclasses.replace(cfg.model.backbone, pretrained="")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
+        cuda = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(
+            activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)
+        ) as prof:
+            result = time_training(
+                cfg,
+                batch=2 if self.quick else cfg.solver.batch_size,
+                iterations=1,
+                warmup=1,
+                device=self.device,
+                after_step=prof.step,
+            )
+        summary = profile_summary(prof, cuda, result["seconds_per_iteration"], top=25)
+        sec["results"].append({"group": "training", "model": label, "variant": "amp", **summary})
+        _free(self.device)
+
+    def dcn(self) -> None:
+        """DCNv2 at HCFormer-R50's six DCN shapes (COCO 800x1216, batch 1 inference; 1024x1024
+        at batch 16, forward+backward as in training): torchvision's ``deform_conv2d`` against
+        ``sampled_deform_conv2d`` (``grid_sample`` + one product), fp32, TF32 products off/on."""
+        from torchvision.ops import deform_conv2d
+
+        from hcformer.models.dcn import sampled_deform_conv2d
+
+        sec = self.section("dcn")
+        impls = {"torchvision": deform_conv2d, "sampled": sampled_deform_conv2d}
+        cases = ((1, (800, 1216), False), (16, (1024, 1024), True))
+        if self.quick:
+            cases = ((1, (64, 96), False), (2, (64, 64), True))
+        for batch, size, backward in cases:
+            for (name, impl), tf32 in itertools.product(impls.items(), (False, True)):
+                what = {"impl": name, "batch": batch, "size": list(size), "backward": backward}
+                what["tf32"] = tf32
+                if not self.budget.fits(5.0):
+                    self.skip("dcn", what, "budget")
+                    continue
+                try:
+                    ms = sum(
+                        self._dcn_ms(impl, shape, batch, backward, tf32)
+                        for shape in dcn_shapes(size, 16 if self.quick else 1)
+                    )
+                    sec["results"].append({**what, "median_ms_all_six": ms})
+                except Exception as exc:
+                    sec["failed"].append({**what, "error": _error(exc)})
+                _free(self.device)
+
+    def _dcn_ms(self, impl, shape, batch: int, backward: bool, tf32: bool) -> float:
+        c_in, c_out, k, hh, ww = shape
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(*size):
+            return torch.randn(*size, generator=gen).to(self.device).requires_grad_(backward)
+
+        x, weight, bias = rand(batch, c_in, hh, ww), rand(c_out, c_in, k, k), rand(c_out)
+        offset = rand(batch, 2 * k * k, hh // 2, ww // 2)
+        mask = torch.rand(batch, k * k, hh // 2, ww // 2, generator=gen).to(self.device)
+
+        def call():
+            with torch.set_grad_enabled(backward):
+                out = impl(x, offset, weight, bias, stride=2, padding=k // 2, dilation=1, mask=mask)
+                if backward:
+                    out.sum().backward()
+
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            return timed_calls(call, self.device, reps=self.reps, max_s=self.max_s)["median_ms"]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
     # -- the plan
     def run(self) -> dict[str, Any]:
         quick = self.quick
@@ -451,6 +746,7 @@ class Runner:
                         g, models=list(m), variants=("compiled_cuda_graph",), dtypes=("float32",)
                     ),
                 )
+        self.guarded("profile", self.profile)
         self.sections["pairs"] = {"status": "ok", "results": pair_ratios(self.sections)}
         return {
             "benchmark": "benchmarks/gpu.py",
@@ -546,6 +842,34 @@ def readable(result: dict[str, Any]) -> str:
                 f"{p['group']:<10} {p['model'] + ' / ' + p['baseline']:<36} b{p['batch']} "
                 f"{p['dtype']:<8} {p['variant']:<20} {p['ratio']:6.2f}x  {paper}"
             )
+    profiled = sections.get("profile", {}).get("results", [])
+    if profiled:
+        lines += [
+            "",
+            "== profile: device time of one call (kernels summed) against its wall time ==",
+        ]
+        for r in profiled:
+            lines.append(
+                f"{r['group']:<10} {r['model']:<28} {r['variant']:<9} wall {r['wall_ms']:8.2f} ms"
+                f"  kernels {r['kernel_ms']:8.2f} ms in {r['kernels']:5d}"
+            )
+            for k in r["top"][:8]:
+                lines.append(f"    {k['ms']:8.2f} ms {k['count']:5d}x  {k['name'][:110]}")
+            regions = [(n, ms) for n, ms in r["regions_ms"].items() if ms > 0.02 * r["kernel_ms"]]
+            if regions:
+                lines.append("    modules: " + ", ".join(f"{n} {ms:.2f}" for n, ms in regions))
+    host = sections.get("profile", {}).get("host")
+    if host:
+        lines += ["", "== host: cProfile of 20 calls of eq. (3)+(5) forward+backward =="]
+        lines += [line[:150] for line in host]
+    dcn = sections.get("dcn", {}).get("results", [])
+    if dcn:
+        lines += ["", "== DCNv2, HCFormer-R50's six DCNs summed (ms, median) =="]
+        for r in dcn:
+            lines.append(
+                f"{r['impl']:<12} batch {r['batch']:>2} backward {r['backward']!s:<5} "
+                f"tf32 {r['tf32']!s:<5} {r['median_ms_all_six']:9.3f} ms"
+            )
     train = sections.get("training", {}).get("results", [])
     if train:
         lines += ["", "== training step (median s/iteration) =="]
@@ -556,6 +880,9 @@ def readable(result: dict[str, Any]) -> str:
                 f"amp {r['amp']!s:<5} {r['seconds_per_iteration']:8.3f} s "
                 f"{r['images_per_second']:7.1f} img/s {mem}"
             )
+            phases = r.get("phase_seconds", {})
+            if phases:
+                lines.append("    " + " ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
     problems = [
         (name, kind, entry)
         for name, sec in sections.items()
@@ -586,7 +913,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-s", type=float, default=0.5, help="seconds per measurement (max)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--out", default="benchmarks/out/gpu.json")
+    parser.add_argument(
+        "--sections",
+        default="",
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
     args = parser.parse_args(argv)
+    unknown = set(filter(None, args.sections.split(","))) - set(SECTIONS)
+    if unknown:
+        print(
+            f"benchmarks/gpu.py: --sections {args.sections!r}: unknown {sorted(unknown)} "
+            f"(expected a comma-separated subset of {','.join(SECTIONS)})",
+            file=sys.stderr,
+        )
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

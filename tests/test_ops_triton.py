@@ -34,13 +34,14 @@ runs_here = pytest.mark.skipif(
 
 
 @pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the tests run compiled, here")
 def test_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     passed = re.search(r"(\d+) passed", done.stdout)
-    assert passed and int(passed[1]) >= len(CASES) + 7, done.stdout[-2000:]  # nothing skipped
+    assert passed and int(passed[1]) >= len(CASES) + 8, done.stdout[-2000:]  # nothing skipped
 
 
 @pytest.fixture
@@ -135,7 +136,10 @@ def test_forward_and_every_gradient_equal_reference(case, kernel_calls):
     torch.testing.assert_close(assignment, expected[0], **tol)
     torch.testing.assert_close(decoded, expected[1], **tol)
     for name, g, e in zip(("feat", "coarse", "scale", "x"), grads, expected[2]):
-        torch.testing.assert_close(g, e, **tol, msg=lambda m, n=name: f"d {n}: {m}")
+        # d s is one float32 sum over every pixel and candidate: the two sides add its terms in
+        # different orders (on a GPU, relative differences near 2e-6 were seen at C_F 130).
+        scalar = {"rtol": 1e-5, "atol": 1e-5} if name == "scale" and not tol else tol
+        torch.testing.assert_close(g, e, **scalar, msg=lambda m, n=name: f"d {n}: {m}")
     # candidates in the zero padding get exactly zero weight; each pixel's weights sum to one
     outside = reference.outside_mask(hc, wc, device=DEVICE)
     assert torch.all(assignment[:, outside] == 0)
@@ -207,6 +211,36 @@ def test_half_precision_accumulates_in_float32(kernel_calls):
         expected_sim = fast.local_similarity(feat, coarse)
     assert sim.dtype == torch.float16
     torch.testing.assert_close(sim.float(), expected_sim, rtol=0, atol=2e-3)
+
+
+@runs_here
+def test_eager_calls_skip_the_custom_op_dispatch_that_counters_still_see(kernel_calls):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    feat, coarse, x, upstream = (t.to(DEVICE) for t in _features(1, 4, 3, 2, torch.float64, 4))
+    scale = torch.tensor(0.2, dtype=torch.float64, device=DEVICE)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (feat, coarse, scale, x)]
+    assignment = ops.clustering(*leaves[:3])
+    decoded = ops.decode(leaves[3], assignment)
+    # eager: plain autograd Functions over the kernels, not the custom ops' dispatch
+    assert type(assignment.grad_fn).__name__ == "_EagerAssignmentBackward"
+    assert type(decoded.grad_fn).__name__ == "_EagerDecodeBackward"
+    grads = torch.autograd.grad(decoded, leaves, upstream)
+    assert kernel_calls == ["assignment", "gather", "scatter", "similarity"] + [
+        "assignment_backward",
+        "scatter",
+    ]
+    with fast.use_backend("torch"):
+        expected = _forward_backward(reference, feat, coarse, scale, x, upstream)
+    for g, e in zip(grads, expected[2]):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    # under a dispatch mode (FLOP counting) the custom ops run, so their formulas count
+    with FlopCounterMode(display=False) as counter:
+        counted = ops.decode(x, ops.clustering(feat, coarse, scale))
+    torch.testing.assert_close(counted, decoded.detach(), rtol=1e-12, atol=1e-12)
+    b, c, h, w = feat.shape
+    macs = fast.clustering_macs(b, c, h, w) + fast.decode_macs(b, x.shape[1], h, w)
+    assert counter.get_total_flops() == 2 * macs
 
 
 @runs_here

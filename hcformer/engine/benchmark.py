@@ -84,11 +84,14 @@ class PhaseClock:
         return out
 
 
-def time_training(cfg, *, batch: int, iterations: int, warmup: int, device) -> dict[str, Any]:
+def time_training(
+    cfg, *, batch: int, iterations: int, warmup: int, device, after_step=None
+) -> dict[str, Any]:
     """Seconds per training step, and their split: ``data`` (the batch to the device, from
     pinned memory on CUDA, as the training loop gets it), ``forward``, ``matching`` (every
     set's costs, the host's assignment and the matches back), ``loss``, ``backward``,
-    ``optimiser`` (unscale, clipping, AdamW): each the median over the timed steps."""
+    ``optimiser`` (unscale, clipping, AdamW): each the median over the timed steps.
+    ``after_step()``, if given, is called after each step (e.g. a profiler's ``step``)."""
     seed_init(0)
     model = build_model(cfg.model).to(device).train()
     criterion = build_criterion(cfg).to(device)
@@ -136,6 +139,8 @@ def time_training(cfg, *, batch: int, iterations: int, warmup: int, device) -> d
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.mark("optimiser")
+        if after_step is not None:
+            after_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started

@@ -37,7 +37,11 @@ benchmark compares both on a GPU, and the tests force ``"triton"`` on CPU tensor
 in Triton's interpreter (``TRITON_INTERPRET=1`` must be set before triton is imported:
 ``tests/test_ops_triton.py`` runs itself in such a subprocess). The environment variable
 ``HCFORMER_OPS_BACKEND`` (same names) sets the default outside any ``use_backend`` block. The custom ops, fake kernels and
-FLOP formulas are the same whichever backend runs.
+FLOP formulas are the same whichever backend runs. In plain eager mode on the Triton backend
+``clustering`` and ``decode`` call the kernels through small ``autograd.Function``s instead
+(``_eager_kernels``): the custom ops' Python dispatch costs more host time than their kernels
+take; under ``torch.compile``, a dispatch mode (``FlopCounterMode``, fake tensors) or a tensor
+subclass the custom ops run, so compilers and counters see them as before.
 """
 
 from __future__ import annotations
@@ -365,13 +369,25 @@ def local_decode_backward(
     """
     kernels = _kernels_for(x)
     if kernels is not None:  # dense: picking live channels would sync the device
-        d_x = kernels.scatter(grad, weights, _channels_last(x)) if need_x else x.new_empty(0)
-        d_w = kernels.similarity(grad, x) if need_weights else weights.new_empty(0)
-        return d_x, d_w
+        return _kernel_decode_backward(kernels, grad, x, weights, need_x, need_weights)
     live = grad.flatten(2).ne(0).any(-1)  # [B, C]: channels that receive any gradient
     if live.float().mean() < SPARSE_BACKWARD_BELOW:  # (an empty grad's mean is nan: dense)
         return _live_channels_backward(grad, x, weights, live, need_x, need_weights)
     return _dense_backward(grad, x, weights, need_x, need_weights)
+
+
+def _kernel_decode_backward(
+    kernels: ModuleType,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    need_x: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``local_decode_backward`` on the Triton kernels: d x = scatter, d weights = similarity."""
+    d_x = kernels.scatter(grad, weights, _channels_last(x)) if need_x else x.new_empty(0)
+    d_w = kernels.similarity(grad, x) if need_weights else weights.new_empty(0)
+    return d_x, d_w
 
 
 def _dense_backward(
@@ -556,6 +572,56 @@ def _decode_backward_flops(grad_shape, x_shape, weights_shape, need_x, need_weig
     return 2 * _fine_macs(grad_shape) * (int(need_x) + int(need_weights))
 
 
+def _eager_kernels(t: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels, to be called directly (not through the custom ops), when nothing
+    needs to see the ops: eager mode on the Triton backend, no dispatch mode (FLOP counter,
+    fake tensors) and no tensor subclass. ``torch.library.custom_op``'s dispatch costs about a
+    third of a millisecond of host time per call on a GPU machine, several times what its
+    kernels take at a stride-4 map; a plain ``autograd.Function`` costs a few microseconds."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return None
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+        return None
+    return _kernels_for(t)
+
+
+class _EagerAssignment(torch.autograd.Function):
+    """``local_assignment`` and its backward on the Triton kernels, without the custom op."""
+
+    @staticmethod
+    def forward(ctx, fine, coarse, scale):
+        out = _triton_kernels().assignment(fine, coarse, scale)
+        ctx.save_for_backward(fine, coarse, scale, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        fine, coarse, scale, assignment = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = _triton_kernels().assignment_backward(grad, assignment, fine, coarse, scale, need)
+        return tuple(g if n else None for g, n in zip(grads, need))
+
+
+class _EagerDecode(torch.autograd.Function):
+    """``local_decode`` and its backward on the Triton kernels, without the custom op."""
+
+    @staticmethod
+    def forward(ctx, x, weights):
+        ctx.save_for_backward(x, weights)
+        return _triton_kernels().gather(x, weights, _channels_last(x))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weights = ctx.saved_tensors
+        need_x, need_weights = ctx.needs_input_grad
+        d_x, d_w = _kernel_decode_backward(
+            _triton_kernels(), grad, x, weights, need_x, need_weights
+        )
+        return (d_x if need_x else None), (d_w if need_weights else None)
+
+
 def _common_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Under autocast the softmax output is float32 while mask logits may be half: compute in the
     # promoted type, as einsum would after its own casts.
@@ -577,6 +643,8 @@ def clustering(
     check_clustering_args(feat, downsampled_feat, scale)
     feat, downsampled_feat = _common_dtype(feat, downsampled_feat)
     if _fused_assignment(feat):  # one Triton kernel for the whole of eq. (3)
+        if _eager_kernels(feat) is not None:
+            return _EagerAssignment.apply(feat, downsampled_feat, scale)
         return local_assignment(feat, downsampled_feat, scale)
     similarity = local_similarity(feat, downsampled_feat)
     return masked_logits(similarity, scale).softmax(1)
@@ -592,6 +660,8 @@ def decode(x: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
     """
     check_decode_args(x, assignment)
     x, assignment = _common_dtype(x, assignment)
+    if _eager_kernels(x) is not None:
+        return _EagerDecode.apply(x, assignment)
     return local_decode(x, assignment)
 
 
