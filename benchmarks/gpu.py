@@ -275,6 +275,8 @@ def profile_summary(
     spans, intervals = [], []
     for e in prof.events():
         if cuda and e.device_type == DeviceType.CUDA:
+            if e.name.startswith("ProfilerStep"):  # the profiler's own step marker
+                continue
             if e.name in regions:  # the region's span on the device, not a kernel
                 spans.append((e.name, e.time_range.start, e.time_range.end))
                 continue

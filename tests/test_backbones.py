@@ -248,12 +248,17 @@ def test_dcn_offsets_move_the_sampling_points():
         ((2, 4, 11, 8), 3, 1, 2, 2),
     ],
 )
-def test_cpu_deform_conv_equals_torchvision(shape, k, stride, pad, dilation):
-    """The grid_sample formulation used on CPUs equals ``torchvision.ops.deform_conv2d`` in
-    float64, values and all five gradients, with offsets large enough to leave the image."""
+@pytest.mark.parametrize("contract", ["contract_taps", "contract_taps_tf32"])
+def test_cpu_deform_conv_equals_torchvision(shape, k, stride, pad, dilation, contract):
+    """The grid_sample formulation used on CPUs (and, with the TF32 product, for training on
+    GPUs) equals ``torchvision.ops.deform_conv2d`` in float64, values and all five gradients,
+    with offsets large enough to leave the image."""
     from torchvision.ops import deform_conv2d
 
-    from hcformer.models.dcn import sampled_deform_conv2d
+    from hcformer.models import dcn
+
+    def sampled_deform_conv2d(*args, **kwargs):
+        return dcn.sampled_deform_conv2d(*args, **kwargs, contract=getattr(dcn, contract))
 
     g = torch.Generator().manual_seed(0)
     b, c, h, w = shape
@@ -650,3 +655,37 @@ def test_parameter_counts_match_timm(name, timm_name, millions):
     assert n_params(full, "clustering.") == clustering
     assert n_params(full) == n_params(plain) + clustering + dcn
     assert any(isinstance(m, ModulatedDeformConv2d) for m in full.modules()) == bool(dcn)
+
+
+def test_dcn_implementation_by_device_and_mode():
+    """CPU: the sampled form; meta (FLOP counting): torchvision's op, which counters know."""
+    from torchvision.ops import deform_conv2d
+
+    from hcformer.models import dcn
+
+    layer = dcn.ModulatedDeformConv2d(in_channels=4, out_channels=4, kernel_size=3, padding=1)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    assert dcn._sampler(x, layer.weight) is dcn.sampled_deform_conv2d
+    meta = x.detach().to("meta")
+    assert dcn._sampler(meta, layer.weight.to("meta")) is deform_conv2d
+    if torch.cuda.is_available():  # training on a GPU: the sampled form with TF32 products
+        cuda = layer.cuda()
+        chosen = dcn._sampler(x.cuda(), cuda.weight)
+        assert chosen.keywords == {"contract": dcn.contract_taps_tf32}
+        with torch.no_grad():
+            assert dcn._sampler(x.cuda(), cuda.weight) is deform_conv2d
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-pass form runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_frozen_batchnorm_on_cuda_equals_the_cpu_form(dtype):
+    g = torch.Generator().manual_seed(0)
+    bn = FrozenBatchNorm2d(8)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(bn, name).copy_(torch.randn(8, generator=g))
+    bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+    x = torch.randn(2, 8, 5, 7, generator=g)
+    expected = bn(x)
+    got = bn.cuda()(x.cuda().to(dtype)).float().cpu()
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 2e-3}
+    torch.testing.assert_close(got, expected, **tol)

@@ -46,7 +46,7 @@ def quick_run(tmp_path_factory):
 def test_sections_and_every_measurement_accounted_for(quick_run):
     result, _ = quick_run
     sections = result["sections"]
-    assert set(sections) == {"environment", "ops", "latency", "training", "pairs"}
+    assert set(sections) == {"environment", "ops", "latency", "training", "pairs", "profile", "dcn"}
     for name in ("environment", "ops", "latency", "training"):
         assert sections[name]["status"] == "ok", (name, sections[name]["failed"])
     env = sections["environment"]["results"][0]
@@ -116,3 +116,45 @@ def test_readable_table(quick_run):
     latency = text.split("== latency")[1].split("\n\n")[0].splitlines()
     assert latency[1].split()[:4] == ["group", "model", "b", "dtype"]
     assert any(line.split()[:2] == ["ade20k", "HC-PSPNet"] for line in latency)
+
+
+@pytest.mark.slow
+def test_profile_and_dcn_sections(quick_run):
+    result, text = quick_run
+    sections = result["sections"]
+    assert sections["profile"]["status"] == "ok", sections["profile"]["failed"]
+    rows = {(r["group"], r["model"]): r for r in sections["profile"]["results"]}
+    hc = rows[("ade20k", "HC-PSPNet")]
+    assert hc["kernels"] > 0 and hc["kernel_ms"] > 0 and hc["top"]
+    # each clustering module of eq. (3) is a region of its own, inside the backbone's
+    assert {"backbone", "head", "backbone.clustering.layer2"} <= set(hc["regions_ms"])
+    assert hc["regions_ms"]["backbone.clustering.layer2"] < hc["regions_ms"]["backbone"]
+    ops = rows[("ops", "eq. (3)+(5) forward+backward")]
+    assert ops["variant"] == "fast" and ops["kernels"] > 0  # no triton on a CPU
+    assert rows[("training", "HCFormer R50 COCO")]["kernels"] > 0
+    assert any("run_backward" in line for line in sections["profile"]["host"])
+    dcn = sections["dcn"]["results"]
+    assert {(r["impl"], r["backward"], r["tf32"]) for r in dcn} == {
+        (impl, backward, tf32)
+        for impl in ("torchvision", "sampled")
+        for backward in (False, True)
+        for tf32 in (False, True)
+    }
+    assert all(r["median_ms_all_six"] > 0 for r in dcn)
+    for heading in ("== profile:", "== host: cProfile", "== DCNv2"):
+        assert heading in text
+
+
+def test_unknown_section_is_one_line_error():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--sections", "ops,kernels"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "benchmarks/gpu.py: --sections 'ops,kernels': unknown ['kernels'] (expected a "
+        "comma-separated subset of ops,latency,training,profile,dcn)"
+    ]
