@@ -97,6 +97,19 @@ def _forward_backward(impl, feat, coarse, scale, x, upstream):
     return assignment.detach(), decoded.detach(), grads
 
 
+def _assert_fused_gradients(grads, kernel_calls, feat, coarse, scale, x, upstream):
+    """The fused kernels ran (eq. 3 and eq. 5 forward, then each backward once) and the float64
+    gradients equal the listings'."""
+    assert kernel_calls == ["assignment", "gather", "scatter", "similarity"] + [
+        "assignment_backward",
+        "scatter",
+    ]
+    with fast.use_backend("torch"):
+        expected = _forward_backward(reference, feat, coarse, scale, x, upstream)
+    for g, e in zip(grads, expected[2]):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
 CASES = {  # (dtype, batch, C_F, coarse h, coarse w, layout); x has 2 C_F + 1 channels
     "f64-odd-3x5": (torch.float64, 2, 3, 3, 5, "contiguous"),
     "f64-c1-1x1-border": (torch.float64, 2, 1, 1, 1, "contiguous"),
@@ -226,14 +239,7 @@ def test_eager_calls_skip_the_custom_op_dispatch_that_counters_still_see(kernel_
     assert type(assignment.grad_fn).__name__ == "_EagerAssignmentBackward"
     assert type(decoded.grad_fn).__name__ == "_EagerDecodeBackward"
     grads = torch.autograd.grad(decoded, leaves, upstream)
-    assert kernel_calls == ["assignment", "gather", "scatter", "similarity"] + [
-        "assignment_backward",
-        "scatter",
-    ]
-    with fast.use_backend("torch"):
-        expected = _forward_backward(reference, feat, coarse, scale, x, upstream)
-    for g, e in zip(grads, expected[2]):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    _assert_fused_gradients(grads, kernel_calls, feat, coarse, scale, x, upstream)
     # under a dispatch mode (FLOP counting) the custom ops run, so their formulas count
     with FlopCounterMode(display=False) as counter:
         counted = ops.decode(x, ops.clustering(feat, coarse, scale))
@@ -267,14 +273,7 @@ def test_compiled_backward_is_the_fused_one(kernel_calls):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     leaves = [t.detach().clone().requires_grad_(True) for t in (feat, coarse, scale, x)]
     grads = torch.autograd.grad(compiled(*leaves), leaves, upstream)
-    assert kernel_calls == ["assignment", "gather", "scatter", "similarity"] + [
-        "assignment_backward",
-        "scatter",
-    ]
-    with fast.use_backend("torch"):
-        expected = _forward_backward(reference, feat, coarse, scale, x, upstream)
-    for g, e in zip(grads, expected[2]):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    _assert_fused_gradients(grads, kernel_calls, feat, coarse, scale, x, upstream)
 
 
 @runs_here
