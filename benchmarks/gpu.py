@@ -56,6 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines_latency as bl  # noqa: E402
 
+from hcformer.models.dcn import tf32_products  # noqa: E402
 from hcformer.models.fuse import InferenceOptions, apply_options  # noqa: E402
 
 # variant -> inference options (hcformer.models.fuse); the dtype is added per measurement.
@@ -164,16 +165,21 @@ def timed_calls(fn: Callable[[], Any], device: torch.device, *, reps: int, max_s
     }
 
 
+def _activities(device: torch.device) -> list[Any]:
+    """What ``torch.profiler`` records: the CPU, and the device's kernels on CUDA."""
+    from torch.profiler import ProfilerActivity
+
+    cuda = [ProfilerActivity.CUDA] if device.type == "cuda" else []
+    return [ProfilerActivity.CPU, *cuda]
+
+
 def count_kernels(fn: Callable[[], Any], device: torch.device) -> dict[str, int]:
     """What one call launches: on CUDA the kernels (and memcpy/memset) the profiler sees on the
     device and the kernel-launch API calls; on CPU the aten ops."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    with profile(activities=_activities(device)) as prof:
         fn()
         _sync(device)
     events = prof.events()
@@ -187,7 +193,8 @@ def count_kernels(fn: Callable[[], Any], device: torch.device) -> dict[str, int]
 
 def _annotate(model: torch.nn.Module, depth: int = 2) -> tuple[list[Any], set[str]]:
     """Wrap each module down to ``depth`` levels of names (``backbone``, ``backbone.layer4``)
-    and every clustering module in a ``torch.profiler.record_function`` of its name; returns the hook handles and names."""
+    and every clustering module in a ``torch.profiler.record_function`` of its name; returns
+    the hook handles and the names."""
     handles, names = [], set()
     for name, module in model.named_modules():
         clustering = type(module).__name__ == "ClusteringModule"  # eq. (3), at any depth
@@ -212,17 +219,15 @@ def device_profile(
     """One call of ``fn`` under ``torch.profiler``: its wall time, the summed time of the
     device kernels it ran (CPU: of the aten ops, self time), the ``top`` kernels by total time
     and the time under each ``record_function`` region (:func:`_annotate`'s module names)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=_activities(device)) as prof:
         _sync(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)
         wall = time.perf_counter() - t0
-    return profile_summary(prof, cuda, wall, regions=regions, top=top)
+    return profile_summary(prof, device.type == "cuda", wall, regions=regions, top=top)
 
 
 def dcn_shapes(size: tuple[int, int], shrink: int = 1) -> list[tuple[int, ...]]:
@@ -384,14 +389,7 @@ class Runner:
 
         impls = getattr(ops_speed, "IMPLS", ("reference", "fast"))
         available = getattr(ops_speed, "available_impls", lambda device: impls)(self.args.device)
-        h, w = (16, 24) if self.quick else (200, 304)
-        shape = argparse.Namespace(
-            height=h,
-            width=w,
-            channels=128,
-            decode_channels=100,
-            features_layout="channels_last",
-        )
+        h, w = self._ops_size()
         sec = self.section("ops")
         for name in impls:
             for phase, backward in (("forward", False), ("forward_backward", True)):
@@ -403,22 +401,44 @@ class Runner:
                     self.skip("ops", what, "budget")
                     continue
                 try:
-                    impl = ops_speed._module(name)
-                    tensors = [
-                        t.detach().to(self.device).requires_grad_(backward)
-                        for t in ops_speed._inputs(shape, requires_grad=False)
-                    ]
-
-                    def step(impl=impl, tensors=tensors, backward=backward):
-                        with torch.set_grad_enabled(backward):
-                            ops_speed._step(impl, *tensors, backward=backward)
-
+                    step = self._ops_step(name, backward)
                     sec["results"].append(
                         {**what, **timed_calls(step, self.device, reps=self.reps, max_s=self.max_s)}
                     )
                 except Exception as exc:
                     sec["failed"].append({**what, "error": _error(exc)})
                     _free(self.device)
+
+    def _ops_size(self) -> tuple[int, int]:
+        """The fine map of eq. (3)+(5): the stride-4 map of an 800x1216 image (16x24 quick)."""
+        return (16, 24) if self.quick else (200, 304)
+
+    def _ops_step(self, name: str, backward: bool) -> Callable[[], None]:
+        """One eq. (3)+(5) call of ``ops_speed``'s implementation ``name`` (C_F 128, 100 decoded
+        channels, channels-last features) on this device, with the backward if ``backward``."""
+        import ops_speed
+
+        h, w = self._ops_size()
+        shape = argparse.Namespace(
+            height=h, width=w, channels=128, decode_channels=100, features_layout="channels_last"
+        )
+        impl = ops_speed._module(name)
+        tensors = [
+            t.detach().to(self.device).requires_grad_(backward)
+            for t in ops_speed._inputs(shape, requires_grad=False)
+        ]
+
+        def step() -> None:
+            with torch.set_grad_enabled(backward):
+                ops_speed._step(impl, *tensors, backward=backward)
+
+        return step
+
+    def _images(self, group: str, batch: int = 1) -> torch.Tensor:
+        """Random images 0..255 at ``group``'s size (its quick size with ``--quick``)."""
+        h, w = QUICK_SIZES[group] if self.quick else bl.GROUPS[group]["size"]
+        images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)) * 255.0
+        return images.to(self.device)
 
     # -- inference latency
     def _spec_update(self, spec: dict) -> dict:
@@ -441,10 +461,8 @@ class Runner:
         kernels: bool = True,
     ) -> None:
         spec = bl.GROUPS[group]
-        h, w = QUICK_SIZES[group] if self.quick else spec["size"]
-        images = (
-            torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)) * 255.0
-        ).to(self.device)
+        images = self._images(group, batch)
+        h, w = images.shape[-2:]
         sec = self.section("latency")
         if models is None:
             models = QUICK_MODELS[group] if self.quick else spec["models"]
@@ -556,8 +574,6 @@ class Runner:
 
     # -- where the device time goes
     def profile(self) -> None:
-        import ops_speed
-
         sec = self.section("profile")
         plan = QUICK_PROFILE if self.quick else PROFILE
         for group, label, variant in plan:
@@ -568,10 +584,8 @@ class Runner:
             model = None
             try:
                 spec = bl.GROUPS[group]
-                h, w = QUICK_SIZES[group] if self.quick else spec["size"]
-                images = (
-                    torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 255.0
-                ).to(self.device)
+                images = self._images(group)
+                h, w = images.shape[-2:]
                 plain = bl.build(
                     label,
                     spec["num_classes"],
@@ -596,35 +610,30 @@ class Runner:
                 traceback.print_exc()
             model = None
             _free(self.device)
-        what = {"group": "ops", "model": "eq. (3)+(5) forward+backward", "variant": "triton"}
-        available = ops_speed.available_impls(self.args.device)
-        name = "triton" if "triton" in available else "fast"
-        what["variant"] = name
-        h, w = (16, 24) if self.quick else (200, 304)
-        shape = argparse.Namespace(
-            height=h, width=w, channels=128, decode_channels=100, features_layout="channels_last"
-        )
-        impl = ops_speed._module(name)
-        tensors = [
-            t.detach().to(self.device).requires_grad_(True)
-            for t in ops_speed._inputs(shape, requires_grad=False)
-        ]
-
-        def step():
-            ops_speed._step(impl, *tensors, backward=True)
-
-        step(), step()
-        sec["results"].append({**what, "size": [h, w], **device_profile(step, self.device)})
-        sec["host"] = host_profile(step)
+        self.profile_ops(sec)
         if self.budget.fits(30.0):
             self.guarded("dcn", self.dcn)
         if self.budget.fits(40.0):
             self.profile_training(sec)
 
+    def profile_ops(self, sec: dict) -> None:
+        """eq. (3)+(5) forward+backward (Triton where it runs, else the fast path) under the
+        profiler, and a ``cProfile`` of its host time."""
+        import ops_speed
+
+        name = "triton" if "triton" in ops_speed.available_impls(self.args.device) else "fast"
+        step = self._ops_step(name, backward=True)
+        step(), step()
+        what = {"group": "ops", "model": "eq. (3)+(5) forward+backward", "variant": name}
+        sec["results"].append(
+            {**what, "size": list(self._ops_size()), **device_profile(step, self.device)}
+        )
+        sec["host"] = host_profile(step)
+
     def profile_training(self, sec: dict) -> None:
         """One training step of HCFormer R50 COCO (after one warm-up step) under the profiler:
         its kernel time and top kernels, forward and backward together."""
-        from torch.profiler import ProfilerActivity, profile, schedule
+        from torch.profiler import profile, schedule
 
         from hcformer.engine.benchmark import time_training
         from hcformer.experiments import resolve
@@ -633,11 +642,8 @@ class Runner:
         cfg = resolve(TRAINING[label], "tiny" if self.quick else "paper")
         backbone = dataclasses.replace(cfg.model.backbone, pretrained="")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
-        cuda = self.device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(
-            activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)
-        ) as prof:
+        schedule_ = schedule(wait=0, warmup=1, active=1, repeat=1)
+        with profile(activities=_activities(self.device), schedule=schedule_) as prof:
             result = time_training(
                 cfg,
                 batch=2 if self.quick else cfg.solver.batch_size,
@@ -646,6 +652,7 @@ class Runner:
                 device=self.device,
                 after_step=prof.step,
             )
+        cuda = self.device.type == "cuda"
         summary = profile_summary(prof, cuda, result["seconds_per_iteration"], top=25)
         sec["results"].append({"group": "training", "model": label, "variant": "amp", **summary})
         _free(self.device)
@@ -697,12 +704,8 @@ class Runner:
                 if backward:
                     out.sum().backward()
 
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
+        with tf32_products(tf32):
             return timed_calls(call, self.device, reps=self.reps, max_s=self.max_s)["median_ms"]
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
 
     # -- the plan
     def run(self) -> dict[str, Any]:

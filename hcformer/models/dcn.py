@@ -21,7 +21,9 @@ forward and backward, at the tiny scale's shapes; on a GPU its backward is faste
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -90,14 +92,14 @@ class _ContractTapsTF32(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, sampled: Tensor) -> Tensor:
         ctx.save_for_backward(weight, sampled)
-        with _tf32():
+        with tf32_products():
             return contract_taps(weight, sampled)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         weight, sampled = ctx.saved_tensors
         d_weight = d_sampled = None
-        with _tf32():
+        with tf32_products():
             if ctx.needs_input_grad[0]:
                 d_weight = torch.bmm(grad, sampled.transpose(1, 2)).sum(0)
             if ctx.needs_input_grad[1]:
@@ -105,15 +107,16 @@ class _ContractTapsTF32(torch.autograd.Function):
         return d_weight, d_sampled
 
 
-class _tf32:
-    """Within the block, float32 matrix products may use TF32 (restored after)."""
-
-    def __enter__(self) -> None:
-        self.previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    def __exit__(self, *exc) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self.previous
+@contextlib.contextmanager
+def tf32_products(enabled: bool = True) -> Iterator[None]:
+    """Within the block, float32 matrix products may use TF32 (``enabled``) or not; the
+    setting before the block is restored after it."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def contract_taps_tf32(weight: Tensor, sampled: Tensor) -> Tensor:

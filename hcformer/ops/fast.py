@@ -572,17 +572,17 @@ def _decode_backward_flops(grad_shape, x_shape, weights_shape, need_x, need_weig
     return 2 * _fine_macs(grad_shape) * (int(need_x) + int(need_weights))
 
 
-def _eager_kernels(t: torch.Tensor) -> ModuleType | None:
-    """The Triton kernels, to be called directly (not through the custom ops), when nothing
-    needs to see the ops: eager mode on the Triton backend, no dispatch mode (FLOP counter,
-    fake tensors) and no tensor subclass. ``torch.library.custom_op``'s dispatch costs about a
+def _eager_kernels(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels are called directly (not through the custom ops): when
+    nothing needs to see the ops: eager mode on the Triton backend, no dispatch mode (FLOP
+    counter, fake tensors) and no tensor subclass. ``torch.library.custom_op``'s dispatch costs about a
     third of a millisecond of host time per call on a GPU machine, several times what its
     kernels take at a stride-4 map; a plain ``autograd.Function`` costs a few microseconds."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return None
+        return False
     if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-        return None
-    return _kernels_for(t)
+        return False
+    return _kernels_for(t) is not None
 
 
 class _EagerAssignment(torch.autograd.Function):
@@ -643,7 +643,7 @@ def clustering(
     check_clustering_args(feat, downsampled_feat, scale)
     feat, downsampled_feat = _common_dtype(feat, downsampled_feat)
     if _fused_assignment(feat):  # one Triton kernel for the whole of eq. (3)
-        if _eager_kernels(feat) is not None:
+        if _eager_kernels(feat):
             return _EagerAssignment.apply(feat, downsampled_feat, scale)
         return local_assignment(feat, downsampled_feat, scale)
     similarity = local_similarity(feat, downsampled_feat)
@@ -660,7 +660,7 @@ def decode(x: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
     """
     check_decode_args(x, assignment)
     x, assignment = _common_dtype(x, assignment)
-    if _eager_kernels(x) is not None:
+    if _eager_kernels(x):
         return _EagerDecode.apply(x, assignment)
     return local_decode(x, assignment)
 
